@@ -1,0 +1,49 @@
+# Two commands: `make run` opens napari with the plugin; `make test` runs the whole suite.
+# Both create .venv and install what they need (apt packages too, when run as root).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch first, pinned, so that pip never pulls a multi-GB CUDA build (pyproject keeps a range).
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= pyqt5,test,nilearn,openvino
+APT_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 \
+	libxcb-render-util0 libxcb-image0 libxcb-shape0 libxcb-randr0 libxkbcommon-x11-0 \
+	libgl1 libegl1 libfontconfig1 libdbus-1-3
+
+.PHONY: setup system-deps run test bench model clean
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@if command -v dpkg >/dev/null 2>&1; then \
+	  missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ]; then \
+	      echo "installing system packages:$$missing"; \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	    else echo "warning: missing system packages:$$missing (install them: sudo apt-get install$$missing)"; fi; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+run: setup
+	$(PY) -m napari_u2net
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+bench: setup
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+model: setup
+	$(PY) -m training.default_model resources/models/default
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache

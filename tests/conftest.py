@@ -1,0 +1,32 @@
+"""Shared fixtures: small networks and model directories built in the test, never downloaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.modelfile import AdapterMeta, make_classes, save_model
+from training.network import ArchConfig, DomainConfig, U2Net
+
+SMALL_ARCH = ArchConfig(base_channels=4, levels=3, max_channels=16)
+
+
+def small_net(seed: int = 0, domains=(("ct", 1, 2), ("mr2", 2, 3))) -> U2Net:
+    torch.manual_seed(seed)
+    return U2Net(SMALL_ARCH, [DomainConfig(n, c, k) for n, c, k in domains])
+
+
+def adapter_meta(net: U2Net, name: str, modality: str = "CT", **kw) -> AdapterMeta:
+    cfg = net.domain_config(name)
+    names = ["background"] + [f"class{i}" for i in range(1, cfg.num_classes)]
+    mods = [f"{modality}{i}" for i in range(cfg.in_channels)]
+    return AdapterMeta(domain=name, modalities=mods, classes=make_classes(names), modality=modality, **kw)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A small random two-domain model directory (trunk + adapters)."""
+    net = small_net()
+    metas = {n: adapter_meta(net, n) for n in net.domains}
+    save_model(tmp_path / "model", net, metas, provenance={"made_by": "test"})
+    return tmp_path / "model"

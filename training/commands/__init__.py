@@ -1,0 +1,1 @@
+"""Sub-commands of the ``u2net`` CLI, one module each (see :mod:`training.cli`)."""
