@@ -1,0 +1,147 @@
+"""Reading and writing volumes keeps geometry exactly, with real NIfTI files from nibabel."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from nibabel.testing import data_path
+
+from training.errors import InputError
+from training.normalization import normalize
+from training.volume import Volume, from_sitk, read_image, to_sitk, write_labels, write_nifti
+
+NIB_DATA = Path(data_path)
+
+
+def _oblique_affine():
+    a = np.deg2rad(20)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([0.8, 0.9, 3.0])
+    aff[:3, 3] = [-40.5, 12.25, 7.0]
+    return aff
+
+
+@pytest.mark.parametrize("name", ["anatomical.nii", "example_nifti2.nii.gz", "reoriented_anat_moved.nii", "standard.nii.gz"])
+def test_real_nifti_round_trip(tmp_path, name):
+    src = NIB_DATA / name
+    if not src.exists():
+        pytest.skip(f"nibabel test file {name} not shipped")
+    vol = read_image(src)
+    assert vol.channels >= 1
+    labels = (vol.data[0] > np.median(vol.data[0])).astype(np.uint8)
+    out = write_labels(tmp_path / "lab.nii.gz", labels, vol.affine, like=vol)
+    back = nib.load(str(out))
+    ref = nib.load(str(src))
+    assert back.shape[:3] == ref.shape[:3]
+    assert np.array_equal(back.affine, ref.affine)
+    assert np.array_equal(np.asarray(back.dataobj), np.transpose(labels, (2, 1, 0)))
+
+
+@pytest.mark.parametrize("affine", ["ras", "lps", "oblique"])
+def test_synthetic_round_trip_and_cube_position(tmp_path, affine):
+    aff = {"ras": np.diag([1.0, 1.0, 2.5, 1]), "lps": np.diag([-0.7, -0.7, 1.5, 1]), "oblique": _oblique_affine()}[affine]
+    data = np.zeros((9, 20, 30), np.float32)  # NIfTI (i, j, k)
+    data[2:5, 5:9, 10:14] = 100
+    nib.save(nib.Nifti1Image(data, aff), str(tmp_path / "img.nii.gz"))
+    vol = read_image(tmp_path / "img.nii.gz")
+    assert vol.shape == (30, 20, 9)
+    centre_ours = np.argwhere(vol.data[0] > 50).mean(axis=0)
+    centre_world = vol.affine @ np.r_[centre_ours, 1]
+    centre_file = aff @ np.r_[np.argwhere(data > 50).mean(axis=0), 1]
+    assert np.allclose(centre_world, centre_file)
+    write_labels(tmp_path / "lab.nii.gz", (vol.data[0] > 50).astype(np.uint8), vol.affine, like=vol)
+    back = nib.load(str(tmp_path / "lab.nii.gz"))
+    assert np.array_equal(back.affine, nib.load(str(tmp_path / "img.nii.gz")).affine)
+    assert np.array_equal(np.asarray(back.dataobj) > 0, data > 50)
+
+
+def test_sitk_conversion_is_exact_for_oblique():
+    aff = _oblique_affine()
+    arr = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+    img = to_sitk(arr, aff)
+    arr2, aff2 = from_sitk(img)
+    assert np.array_equal(arr, arr2)
+    assert np.allclose(aff, aff2, atol=1e-12)
+    # The same physical point in both conventions (SimpleITK is LPS, index x,y,z).
+    idx = (4, 3, 2)  # ours (d0, d1, d2)
+    p_ras = aff @ np.r_[idx, 1]
+    p_lps = np.array(img.TransformIndexToPhysicalPoint(idx[::-1]))
+    assert np.allclose(p_lps, [-p_ras[0], -p_ras[1], p_ras[2]])
+
+
+def test_4d_becomes_channels_and_several_files_stack(tmp_path):
+    aff = np.diag([1.0, 1, 1, 1])
+    four = np.random.default_rng(1).random((6, 7, 8, 2)).astype(np.float32)
+    nib.save(nib.Nifti1Image(four, aff), str(tmp_path / "mm.nii.gz"))
+    vol = read_image(tmp_path / "mm.nii.gz")
+    assert vol.data.shape == (2, 8, 7, 6)
+    for c in range(2):
+        nib.save(nib.Nifti1Image(four[..., c], aff), str(tmp_path / f"c{c}.nii.gz"))
+    stacked = read_image([tmp_path / "c0.nii.gz", tmp_path / "c1.nii.gz"])
+    assert np.array_equal(stacked.data, vol.data)
+    nib.save(nib.Nifti1Image(four[:5, ..., 0], aff), str(tmp_path / "small.nii.gz"))
+    with pytest.raises(InputError, match="share one grid"):
+        read_image([tmp_path / "c0.nii.gz", tmp_path / "small.nii.gz"])
+
+
+def test_bad_inputs(tmp_path):
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(InputError, match="broken.nii.gz: cannot read"):
+        read_image(tmp_path / "broken.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((10, 12), np.float32), np.eye(4)), str(tmp_path / "flat.nii"))
+    with pytest.raises(InputError, match="2D image"):
+        read_image(tmp_path / "flat.nii")
+    with pytest.raises(InputError, match="no such file"):
+        read_image(tmp_path / "missing.nii.gz")
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(InputError, match="unsupported file type"):
+        read_image(tmp_path / "x.png")
+    with pytest.raises(InputError, match="no DICOM series"):
+        read_image(tmp_path)
+
+
+def test_dicom_series_matches_sitk_geometry(tmp_path):
+    aff = _oblique_affine()
+    arr = (np.random.default_rng(2).random((6, 16, 18)) * 1000).astype(np.int16)
+    img = to_sitk(arr, aff)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    folder = tmp_path / "dcm"
+    folder.mkdir()
+    direction = img.GetDirection()
+    for z in range(arr.shape[0]):
+        sl = img[:, :, z]
+        sl.SetMetaData("0020|0037", "\\".join(f"{v:.10f}" for v in (*direction[0::3], *direction[1::3])))
+        sl.SetMetaData("0020|0032", "\\".join(f"{v:.10f}" for v in img.TransformIndexToPhysicalPoint((0, 0, z))))
+        sl.SetMetaData("0020|0013", str(z))
+        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")
+        sl.SetMetaData("0018|0050", str(img.GetSpacing()[2]))
+        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
+        writer.Execute(sl)
+    vol = read_image(folder)
+    assert vol.shape == arr.shape
+    assert np.array_equal(vol.data[0], arr)
+    assert np.allclose(vol.affine, aff, atol=1e-4)
+
+
+def test_write_refuses_other_suffix_and_is_atomic(tmp_path):
+    with pytest.raises(InputError, match="must end in .nii"):
+        write_nifti(tmp_path / "x.mha", np.zeros((2, 2, 2)), np.eye(4))
+    write_labels(tmp_path / "l.nii", np.full((3, 3, 3), 300), np.eye(4))
+    assert nib.load(str(tmp_path / "l.nii")).get_data_dtype() == np.uint16
+    assert [p.name for p in tmp_path.iterdir()] == ["l.nii"]
+
+
+def test_normalization_schemes():
+    x = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4) * 100 - 1000
+    ct = normalize(x, [{"scheme": "ct", "clip": [-500, 500], "mean": 0.0, "std": 250.0}])
+    assert ct.min() == -2.0 and ct.max() == 2.0
+    z = normalize(x, [{"scheme": "zscore"}])
+    assert abs(z.mean()) < 1e-5 and abs(z.std() - 1) < 1e-4
+    const = normalize(np.full((1, 2, 2, 2), 7.0), [{"scheme": "zscore"}])
+    assert np.array_equal(const, np.zeros_like(const))
+    with pytest.raises(InputError, match="unknown normalisation"):
+        normalize(x, [{"scheme": "magic"}])
