@@ -6,7 +6,7 @@ import argparse
 import json
 
 NAME = "info"
-HELP = "show a model's domains, or parameter counts of the paper's configuration"
+HELP = "list the models available, show one model's domains, or count parameters"
 
 # The paper's five training domains (MSD tasks): (name, modalities, classes incl. background).
 PAPER_DOMAINS = [
@@ -19,7 +19,10 @@ PAPER_DOMAINS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model directory or registry name (default: the bundled model)")
+    p.add_argument(
+        "--model",
+        help="model directory or registry name to describe (without it: list every model available)",
+    )
     p.add_argument(
         "--params",
         action="store_true",
@@ -76,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"independent 3D U-Net:  {ind:>12,}")
         return 0
 
+    if args.model is None:
+        return list_available(args.json)
+
     from ..modelfile import load_model
     from ..registry import resolve_model
 
@@ -88,4 +94,50 @@ def run(args: argparse.Namespace) -> int:
     for d in summary["domains"]:
         print(f"  {d['name']:<16} {d['modality']:<3} modalities={','.join(d['modalities'])} "
               f"classes={','.join(d['classes'])}")
+    return 0
+
+
+def _provenance_line(prov: dict) -> str:
+    keys = [k for k in ("command", "seed", "iterations", "data", "metrics", "made_by") if k in prov]
+    keys = keys or list(prov)[:4]
+    return ", ".join(f"{k}={json.dumps(prov[k]) if not isinstance(prov[k], str) else prov[k]}" for k in keys)
+
+
+def list_available(as_json: bool) -> int:
+    """Every model a user can pick (bundled, cached, downloadable) with domains, classes, provenance."""
+    import sys
+
+    from ..registry import cache_dir, list_models, load_registry
+
+    registry = load_registry()
+    models = list_models(registry=registry)
+    if as_json:
+        print(json.dumps({
+            "cache": str(cache_dir()),
+            "models": [
+                {**m.__dict__, "path": str(m.path) if m.path else None} for m in models
+            ],
+            "problems": registry.problems,
+        }))
+        return 0
+    for problem in registry.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if not models:
+        print("no models: the bundled model is missing and no registry lists any; reinstall napari-u2net")
+    for m in models:
+        where = str(m.path) if m.path else f"download with `u2net download {m.name}`"
+        version = f" v{m.version}" if m.version else ""
+        print(f"{m.name}{version}  [{m.source}]  {where}")
+        if m.description:
+            print(f"    {m.description}")
+        if m.provenance:
+            print(f"    provenance: {_provenance_line(m.provenance)}")
+        for d in m.domains:
+            classes = ",".join(str(c) for c in d.get("classes", []))
+            mods = ",".join(d.get("modalities", []))
+            print(f"    {d.get('name', '?'):<18} {d.get('modality', ''):<3} "
+                  + (f"modalities={mods} " if mods else "") + f"classes={classes}")
+            if d.get("provenance"):
+                print(f"        provenance: {_provenance_line(d['provenance'])}")
+    print(f"cache: {cache_dir()}  (U2NET_HOME overrides; U2NET_REGISTRY adds a registry)")
     return 0
