@@ -1,0 +1,62 @@
+"""Options shared by ``u2net train`` and ``u2net adapt``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_training_arguments(p: argparse.ArgumentParser, iterations: int, lr: float) -> None:
+    p.add_argument("--iterations", type=int, default=iterations, help=f"training iterations (default {iterations})")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   help="patch size in voxels (default: from the dataset's plan)")
+    p.add_argument("--batch-size", type=int, default=2, help="patches per iteration (default 2)")
+    p.add_argument("--lr", type=float, default=lr, help=f"initial learning rate (default {lr:g})")
+    p.add_argument("--weight-decay", type=float, default=3e-5, help="weight decay (default 3e-5)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="default adamw")
+    p.add_argument("--schedule", choices=["poly", "cosine", "constant"], default="poly", help="default poly")
+    p.add_argument("--loss", choices=["dice_ce", "lovasz_focal"], default="dice_ce",
+                   help="dice_ce (default) or lovasz_focal (the paper's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (torchrun: one GPU per process)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run exactly")
+    p.add_argument("--val-every", type=int, default=0, help="validate every N iterations (default: at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="write a checkpoint every N iterations")
+    p.add_argument("--fold", type=int, default=0, help="cross-validation fold for the train/val split (default 0)")
+    p.add_argument("--cache", help="preprocessing cache directory (default: none)")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--no-augment", action="store_true", help="disable data augmentation")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..augment import AugmentConfig
+    from ..trainer import TrainConfig
+
+    return TrainConfig(
+        iterations=args.iterations,
+        patch_size=tuple(args.patch_size) if args.patch_size else None,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        loss=args.loss,
+        seed=args.seed,
+        device=args.device,
+        amp=not args.no_amp,
+        deterministic=args.deterministic,
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+        augment=AugmentConfig.none() if args.no_augment else AugmentConfig(),
+    )
+
+
+def summary_line(report, dist) -> None:
+    """The last line of train/adapt: a JSON object (rank 0 only)."""
+    import json
+
+    if not dist.is_main or report is None:
+        return
+    print(json.dumps({"iterations": report.iteration, "loss": report.loss,
+                      "val_dice": report.val_dice, "val_mean": report.val_mean}))

@@ -1,0 +1,50 @@
+"""``u2net train``: train a new universal model on one or more MSD datasets (round-robin)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._trainargs import add_training_arguments, config_from_args, summary_line
+
+NAME = "train"
+HELP = "train a new model on MSD-layout datasets (one domain per dataset); torchrun-ready"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("datasets", nargs="+", metavar="DATASET", help="MSD dataset folders (with dataset.json)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model directory to write")
+    add_training_arguments(p, iterations=1000, lr=1e-2)
+    p.add_argument("--base-channels", type=int, default=16, help="channels of the first level (default 16)")
+    p.add_argument("--levels", type=int, default=6, help="resolution levels (default 6)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..distributed import setup, teardown
+    from ..errors import U2NetError
+    from ..network import ArchConfig
+    from ..trainer import consume
+    from ..training_run import domain_from_dataset, train_model
+
+    config = config_from_args(args)
+    try:
+        arch = ArchConfig(base_channels=args.base_channels, levels=args.levels)
+    except ValueError as e:
+        raise U2NetError(str(e)) from None
+    dist = setup(args.device)
+    try:
+        domains = [
+            domain_from_dataset(Path(d), patch_size=config.patch_size, fold=args.fold,
+                                cache_dir=Path(args.cache) if args.cache else None)
+            for d in args.datasets
+        ]
+        reports = train_model(domains, Path(args.output), config, None if args.resume else arch,
+                              resume=args.resume, dist=dist)
+        last = consume(reports, progress=not args.quiet, is_main=dist.is_main)
+        if dist.is_main:
+            print(f"model written to {args.output}")
+        summary_line(last, dist)
+    finally:
+        teardown(dist)
+    return 0
