@@ -228,3 +228,49 @@ def test_registry_only_model_is_listed_for_download(served, env, capsys):
     assert listed["tiny"].domains[0]["name"] == "ct"
     assert main(["info"]) == 0
     assert "u2net download tiny" in capsys.readouterr().out
+
+
+class _TruncatingHandler(_QuietHandler):
+    """Announces the whole file, sends half of it, and hangs up: an interrupted download."""
+
+    def do_GET(self):
+        path = Path(self.translate_path(self.path))
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+
+
+def test_interrupted_download_keeps_nothing(served, env):
+    server = Server(served["root"])
+    server.httpd.RequestHandlerClass = functools.partial(_TruncatingHandler, directory=str(served["root"]))
+    entry = served["entry"]
+    entry["files"] = [dict(f, url=f["url"].replace(served["server"].url, server.url)) for f in entry["files"]]
+    served["registry"].write_text(json.dumps({"models": [entry]}))
+    try:
+        with pytest.raises(RegistryError, match="tiny") as e:
+            resolve_model("tiny")
+    finally:
+        server.stop()
+    assert "nothing was kept" in str(e.value)
+    assert _leftovers(env) == []
+    assert [p.name for p in (env / "models").iterdir()] == []
+    # Once the server sends whole files again, the same call succeeds.
+    entry["files"] = [dict(f, url=f["url"].replace(server.url, served["server"].url)) for f in entry["files"]]
+    served["registry"].write_text(json.dumps({"models": [entry]}))
+    load_model(resolve_model("tiny"))
+
+
+def test_cancelled_from_the_progress_callback_keeps_nothing(served, env):
+    from training.errors import Cancelled
+
+    def progress(done, total):
+        raise Cancelled("stopped by the user")
+
+    with pytest.raises(Cancelled):
+        resolve_model("tiny", progress=progress)
+    assert _leftovers(env) == []
+    assert [p.name for p in (env / "models").iterdir()] == []

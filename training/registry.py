@@ -305,6 +305,9 @@ def download_model(
         staging = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".download-{name}-"))
         grand_total = sum(f.size or 0 for f in todo)
         offset = 0
+        logger = pooch.get_logger()
+        level = logger.level
+        logger.setLevel("WARNING")  # its "Downloading ... to <staging path>" line would mislead
         try:
             for f in todo:
                 if callable(progress):
@@ -329,8 +332,8 @@ def download_model(
                     ) from e
                 except requests.RequestException as e:
                     raise RegistryError(
-                        f"cannot download {f.path} for model {name!r} from {f.url} ({e}). Without "
-                        f"internet here, run `u2net download {name}` on a computer that has it and "
+                        f"cannot download {f.path} for model {name!r} from {f.url} ({e}); nothing was "
+                        f"kept. Try again; without internet here, run `u2net download {name}` on a computer that has it and "
                         f"copy {model_dir} to the same place here (or point {HOME_ENV} at a copy)"
                     ) from e
                 if f.size is not None and target.stat().st_size != f.size:
@@ -344,6 +347,7 @@ def download_model(
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / f.path, final)
         finally:
+            logger.setLevel(level)
             shutil.rmtree(staging, ignore_errors=True)
     manifest = json.dumps(entry.to_dict(), indent=1)
     manifest_path = model_dir / MANIFEST_FILE

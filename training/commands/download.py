@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
         if name == BUNDLED_MODEL:
             print(f"{name}: the bundled model ships with the package; nothing to download")
             continue
+        if not args.quiet:
+            print(f"{name}: downloading (files already cached and verified are kept)" if not args.force
+                  else f"{name}: downloading every file again")
         path = download_model(name, force=args.force, progress=not args.quiet, registry=registry)
         print(f"{name}: ready in {path}")
     print(f"cache: {cache_dir()}  (set U2NET_HOME to use another folder)")
