@@ -110,5 +110,15 @@ def test_write_dataset_msd_layout(tmp_path):
     vol, labels = load_mni152(4.0, 20.0)
     _, expected = make_case(vol, labels, case_rng(3, 1, 0))
     assert np.array_equal(read[2][1].data[0], expected)
-    with pytest.raises(DatasetError, match="already holds a dataset"):
+    with pytest.raises(DatasetError, match="not an empty folder"):
         write_mni152_dataset(out, cases=1, seed=3, resolution_mm=4.0)
+    # An evaluation dataset with the same seed: its labelled cases are the evaluation stream
+    # (its first case is the test case above), never a training case.
+    calls = []
+    ev = write_mni152_dataset(tmp_path / "ev", cases=1, seed=3, resolution_mm=4.0, evaluation=True,
+                              progress=lambda d, t: calls.append((d, t)))
+    evdoc = json.loads(ev.read_text())
+    assert evdoc["u2net"]["stream"] == "evaluation" and calls == [(1, 1)]
+    ev_label = read_image(tmp_path / "ev" / evdoc["training"][0]["label"]).data
+    assert np.array_equal(ev_label, read[2][1].data)
+    assert all(not np.array_equal(ev_label, lab.data) for _, lab in read[:2])

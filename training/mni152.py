@@ -15,16 +15,17 @@ deformations, poses and intensity changes. A model trained on it learns this ana
 contrast; its scores on other deformations of the same template show that training works on
 real MR contrast, not that it generalises to other people's brains.
 
-Seeds: case ``i`` of the training split draws from ``SeedSequence([seed, 0, i])`` and case
-``j`` of the test split from ``SeedSequence([seed, 1, j])``; the role number keeps the two
-streams disjoint whatever ``seed``, ``cases`` and ``test_cases`` are, so no evaluation case
-ever repeats a training case.
+Seeds: case ``i`` of the training stream draws from ``SeedSequence([seed, 0, i])`` and case
+``j`` of the evaluation stream (test split, or a whole dataset written with ``evaluation=True``)
+from ``SeedSequence([seed, 1, j])``; the stream number keeps the two disjoint whatever ``seed``
+and the case counts are, so no evaluation case ever repeats a training case.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,26 +216,38 @@ def write_mni152_dataset(
     resolution_mm: float = 2.0,
     params: CaseParams | None = None,
     margin_mm: float = 20.0,
+    evaluation: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write an MSD-layout dataset of random cases of the template; returns its dataset.json.
 
     ``imagesTr/ labelsTr/`` hold the training cases, ``imagesTs/ labelsTs/`` the test cases
-    (their labels are kept for evaluation; MSD's own test split has none). Refuses a folder
-    that already holds a dataset.json rather than mixing two datasets. ``margin_mm`` of
-    background is kept around the brain so that posed and enlarged cases stay inside the grid.
+    (their labels are kept for evaluation; MSD's own test split has none).
+
+    ``evaluation=True`` draws the labelled ``imagesTr/labelsTr`` cases from the evaluation
+    stream instead (the same cases as ``test_cases`` of a dataset with the same seed): write
+    the training set with ``evaluation=False`` and an evaluation set (for ``u2net evaluate``,
+    which scores labelled cases) with ``evaluation=True`` and the same seed, and no case is
+    shared. ``margin_mm`` of background is kept around the brain so that posed and enlarged
+    cases stay inside the grid. A non-empty folder is refused; ``dataset.json`` is written last,
+    so an interrupted run leaves no loadable half-dataset. ``progress(done, total)`` per case.
     """
     out = Path(out_dir)
-    if (out / "dataset.json").exists():
-        raise DatasetError(f"{out} already holds a dataset (dataset.json); choose an empty folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetError(f"{out}: exists and is not an empty folder; choose a new folder")
     if cases < 0 or test_cases < 0 or cases + test_cases == 0:
         raise InputError("ask for at least one case (cases and test_cases must be ≥ 0)")
     template, labels = load_mni152(resolution_mm, margin_mm)
     p = params or CaseParams()
     training, test, test_labels = [], [], []
-    splits = [("Tr", TRAIN_ROLE, cases, 0), ("Ts", TEST_ROLE, test_cases, cases)]
-    for split, role, count, first_id in splits:
+    if evaluation:  # labelled cases first, then further evaluation-stream cases as the test split
+        splits = [("Tr", TEST_ROLE, cases, 0, 0), ("Ts", TEST_ROLE, test_cases, cases, cases)]
+    else:
+        splits = [("Tr", TRAIN_ROLE, cases, 0, 0), ("Ts", TEST_ROLE, test_cases, cases, 0)]
+    done = 0
+    for split, role, count, first_id, first_index in splits:
         for i in range(count):
-            image, lab = make_case(template, labels, case_rng(seed, role, i), p)
+            image, lab = make_case(template, labels, case_rng(seed, role, first_index + i), p)
             name = f"{DATASET_NAME}_{first_id + i:03d}.nii.gz"
             write_nifti(out / f"images{split}" / name, image, template.affine)
             write_labels(out / f"labels{split}" / name, lab, template.affine)
@@ -243,6 +256,9 @@ def write_mni152_dataset(
             else:
                 test.append(f"./imagesTs/{name}")
                 test_labels.append(f"./labelsTs/{name}")
+            done += 1
+            if progress is not None:
+                progress(done, cases + test_cases)
     doc = {
         "name": "MNI152 brain tissue",
         "description": DESCRIPTION,
@@ -262,7 +278,11 @@ def write_mni152_dataset(
             "test_labels": test_labels,
             "generator": "training.mni152.write_mni152_dataset",
             "seed": int(seed),
-            "seed_scheme": "case i of split s uses numpy SeedSequence([seed, s, i]); s=0 training, s=1 test",
+            "stream": "evaluation" if evaluation else "training",
+            "seed_scheme": (
+                "case i of a stream uses numpy SeedSequence([seed, s, i]); s=0 training stream, "
+                "s=1 evaluation stream (test split, or every case with evaluation=True)"
+            ),
             "resolution_mm": float(resolution_mm),
             "margin_mm": float(margin_mm),
             "label_rule": "argmax(1 - gm - wm, gm, wm) of the template's probability maps",
