@@ -47,7 +47,7 @@ TRAIN_ROLE, TEST_ROLE = 0, 1
 DESCRIPTION = (
     "Brain tissue (grey / white matter) on ONE real subject: the MNI152 ICBM 2009a nonlinear "
     "symmetric T1 template shipped with nilearn (skull-stripped), under random smooth "
-    "deformations, poses and intensity changes (gamma, contrast, bias field, Rician noise). "
+    "deformations, poses and intensity changes (gamma, contrast curve, bias field, Rician noise). "
     "Labels are the argmax of (1 - gm - wm, gm, wm) of the template's tissue probability maps. "
     "Scores on held-out cases show learning on real MR contrast, not generalisation to other people."
 )
@@ -158,7 +158,7 @@ class CaseParams:
     elastic_mm: float = 3.0
     smooth_mm: float = 25.0
     gamma_log: float = 0.35  # gamma = exp(U(-g, g))
-    contrast: tuple[float, float] = (0.8, 1.25)
+    contrast: float = 0.3  # slopes of the 5-piece monotone intensity curve: U(1 - c, 1 + c), normalised
     bias: float = 0.25  # RMS of the log bias field
     bias_smooth_mm: float = 60.0
     noise: tuple[float, float] = (0.005, 0.04)  # Rician noise sigma, fraction of white matter level
@@ -192,9 +192,11 @@ def make_case(
     lab = warp(labels, field, order=0, mode="constant", cval=0)
 
     image = np.clip(image, 0.0, None) ** np.exp(rng.uniform(-p.gamma_log, p.gamma_log))
-    brain = lab > 0
-    mean = float(image[brain].mean()) if brain.any() else float(image.mean())
-    image = np.clip((image - mean) * rng.uniform(*p.contrast) + mean, 0.0, None) * (image > 0)
+    # Tissue contrast: a random monotone curve through 0 (background stays black) and the maximum.
+    top = max(float(image.max()), 1e-6)
+    steps = rng.uniform(1.0 - p.contrast, 1.0 + p.contrast, 5)
+    knots_y = np.concatenate([[0.0], np.cumsum(steps) / steps.sum()]) * top
+    image = np.interp(image, np.linspace(0.0, top, 6), knots_y).astype(np.float32)
     image *= np.exp(p.bias * _smooth_noise(shape, rng, p.bias_smooth_mm, spacing))
     wm_level = float(np.median(image[lab == 2])) if (lab == 2).any() else float(image.max() or 1.0)
     sigma = rng.uniform(*p.noise) * wm_level
