@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from training.datasets import load_dataset
 from training.errors import DatasetError
 from training.mni152 import (
     CLASS_NAMES,
@@ -110,6 +111,10 @@ def test_write_dataset_msd_layout(tmp_path):
     vol, labels = load_mni152(4.0, 20.0)
     _, expected = make_case(vol, labels, case_rng(3, 1, 0))
     assert np.array_equal(read[2][1].data[0], expected)
+    # The project's MSD loader accepts it, with the domain name and classes we wrote.
+    ds = load_dataset(out)
+    assert ds.domain == "mni152-brain" and ds.modality == "MR" and ds.modalities == ["T1w"]
+    assert ds.class_names == CLASS_NAMES and [c.id for c in ds.training] == ["mni152_000", "mni152_001"]
     with pytest.raises(DatasetError, match="not an empty folder"):
         write_mni152_dataset(out, cases=1, seed=3, resolution_mm=4.0)
     # An evaluation dataset with the same seed: its labelled cases are the evaluation stream

@@ -42,7 +42,8 @@ _FILES = {
 }
 CLASS_NAMES = ["background", "grey matter", "white matter"]
 CLASS_COLORS = ["#000000", "#ff8c00", "#00bfff"]
-DATASET_NAME = "mni152"
+DATASET_NAME = "mni152"  # case file stem
+DOMAIN = "mni152-brain"  # dataset name, hence the domain name training gives it
 TRAIN_ROLE, TEST_ROLE = 0, 1
 DESCRIPTION = (
     "Brain tissue (grey / white matter) on ONE real subject: the MNI152 ICBM 2009a nonlinear "
@@ -262,7 +263,7 @@ def write_mni152_dataset(
             if progress is not None:
                 progress(done, cases + test_cases)
     doc = {
-        "name": "MNI152 brain tissue",
+        "name": DOMAIN,
         "description": DESCRIPTION,
         "reference": REFERENCE,
         "licence": "ICBM 2009a template licence (see reference); synthetic variations CC0",
