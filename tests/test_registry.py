@@ -20,6 +20,7 @@ from training.registry import (
     download_model,
     list_models,
     load_registry,
+    make_entry,
     read_registry,
     resolve_model,
     sha256_of,
@@ -54,18 +55,8 @@ def served(model_dir, tmp_path):
     root = tmp_path / "www"
     shutil.copytree(model_dir, root / "tiny")
     server = Server(root)
-    files = sorted(p.relative_to(root / "tiny").as_posix() for p in (root / "tiny").rglob("*.safetensors"))
-    entry = {
-        "name": "tiny",
-        "description": "a tiny random test model",
-        "version": "1",
-        "domains": [{"name": "ct", "modality": "CT", "classes": ["background", "class1"]}],
-        "files": [
-            {"path": f, "url": server.url + "tiny/" + f, "sha256": sha256_of(root / "tiny" / f),
-             "size": (root / "tiny" / f).stat().st_size}
-            for f in files
-        ],
-    }
+    entry = make_entry(root / "tiny", "tiny", server.url + "tiny", "a tiny random test model", "1")
+    files = [f["path"] for f in entry["files"]]
     reg = tmp_path / "registry.json"
     reg.write_text(json.dumps({"format": 1, "models": [entry]}))
     yield {"server": server, "root": root, "registry": reg, "entry": entry, "files": files}
@@ -274,3 +265,18 @@ def test_cancelled_from_the_progress_callback_keeps_nothing(served, env):
         resolve_model("tiny", progress=progress)
     assert _leftovers(env) == []
     assert [p.name for p in (env / "models").iterdir()] == []
+
+
+def test_make_entry_describes_the_model_dir(model_dir):
+    entry = make_entry(model_dir, "tiny", "https://example.org/models/tiny")
+    assert [f["path"] for f in entry["files"]] == [
+        "trunk.safetensors", "adapters/ct.safetensors", "adapters/mr2.safetensors"
+    ]
+    trunk = entry["files"][0]
+    assert trunk["url"] == "https://example.org/models/tiny/trunk.safetensors"
+    assert trunk["sha256"] == sha256_of(model_dir / "trunk.safetensors")
+    assert trunk["size"] == (model_dir / "trunk.safetensors").stat().st_size
+    assert entry["domains"] == [
+        {"name": "ct", "modality": "CT", "classes": ["background", "class1"]},
+        {"name": "mr2", "modality": "CT", "classes": ["background", "class1", "class2"]},
+    ]

@@ -372,6 +372,26 @@ def _unknown(name: str, registry: Registry, cache: Path | None) -> RegistryError
     return RegistryError(msg)
 
 
+def make_entry(model_dir: Path, name: str, base_url: str, description: str = "", version: str = "") -> dict:
+    """A registry entry (JSON-ready) publishing ``model_dir`` at ``base_url`` (files keep their paths)."""
+    from .modelfile import ADAPTER_DIR, ADAPTER_SUFFIX, TRUNK_FILE
+
+    model_dir = Path(model_dir)
+    if not (model_dir / TRUNK_FILE).is_file():
+        raise InputError(f"{model_dir}: no {TRUNK_FILE} here; is this a u2net model directory?")
+    if not _NAME_RE.match(name):
+        raise InputError(f"model name {name!r} must be letters, digits, '.', '_' or '-'")
+    paths = [model_dir / TRUNK_FILE, *sorted((model_dir / ADAPTER_DIR).glob(f"*{ADAPTER_SUFFIX}"))]
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    files = []
+    for path in paths:
+        rel = path.relative_to(model_dir).as_posix()
+        files.append({"path": rel, "url": base + rel, "sha256": sha256_of(path), "size": path.stat().st_size})
+    domains, _ = model_dir_domains(model_dir)
+    summary = [{k: d.get(k) for k in ("name", "modality", "classes")} for d in domains]
+    return {"name": name, "description": description, "version": version, "domains": summary, "files": files}
+
+
 # -- resolving and listing -------------------------------------------------------------------------
 def resolve_model(
     spec: str | Path | None,
