@@ -365,8 +365,9 @@ def _manifest_entry(model_dir: Path) -> RegistryEntry | None:
 
 
 def _unknown(name: str, registry: Registry, cache: Path | None) -> RegistryError:
-    known = sorted({BUNDLED_MODEL, *registry.entries, *(e.name for e in _cached_entries(cache))})
-    msg = f"unknown model {name!r}: not a model directory nor a known name (known: {', '.join(known)})"
+    bundled = [BUNDLED_MODEL] if bundled_model_dir().is_dir() else []
+    known = sorted({*bundled, *registry.entries, *(e.name for e in _cached_entries(cache))})
+    msg = f"unknown model {name!r}: not a model directory nor a known name (known: {', '.join(known) or 'none'})"
     if registry.problems:
         msg += "; note: " + "; ".join(registry.problems)
     return RegistryError(msg)

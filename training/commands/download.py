@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         if name == BUNDLED_MODEL:
             print(f"{name}: the bundled model ships with the package; nothing to download")
             continue
-        if not args.quiet:
+        if not args.quiet and name in registry.entries:
             print(f"{name}: downloading (files already cached and verified are kept)" if not args.force
                   else f"{name}: downloading every file again")
         path = download_model(name, force=args.force, progress=not args.quiet, registry=registry)
