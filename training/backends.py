@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import threading
+import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -76,13 +77,15 @@ class TorchRunner:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         use_amp = self.amp and self.device.type == "cuda"  # never autocast on CPU (bf16 is slow)
         autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
-        was_training = self.net.training
-        self.net.eval()
+        was_training = self.net.training  # e.g. the trainer's own network during validation
+        if was_training:
+            self.net.eval()
         try:
             with torch.inference_mode(), autocast:
                 out = self.net(x, self.domain)
         finally:
-            self.net.train(was_training)
+            if was_training:
+                self.net.train()
         return out.float().contiguous()
 
 
@@ -163,7 +166,9 @@ def compile_openvino(net: nn.Module, domain: str, in_channels: int, patch_size, 
 
     module = DomainNet(copy.deepcopy(net).to("cpu").float().eval(), domain).eval()
     example = torch.zeros((batch_size, in_channels, *patch_size), dtype=torch.float32)
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        # Tracing fixes the shape checks to this patch and batch, which is what we want.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         model = ov.convert_model(module, example_input=example, input=[example.shape])
     core = ov.Core()
     # f32 on purpose: CPUs with bf16 units would otherwise default to bf16 and drift from torch.

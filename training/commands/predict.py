@@ -1,0 +1,68 @@
+"""``u2net predict``: segment one case (its modality files, a 4D NIfTI or a DICOM folder)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "predict"
+HELP = "segment one image (NIfTI or DICOM folder) with one or more domains"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "images", nargs="+", metavar="IMAGE",
+        help="one case: a .nii/.nii.gz file (3D, or 4D with one volume per modality), a DICOM "
+        "folder, or one file per modality in the domain's order",
+    )
+    p.add_argument("--domain", action="append", required=True, metavar="NAME",
+                   help="domain to segment with (repeat for several; see `u2net info`)")
+    p.add_argument("--model", help="model directory or registry name (default: the bundled model)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="a .nii/.nii.gz file (one domain) or a folder (writes OUT/<case>_<domain>.nii.gz)")
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--overlap", type=float, default=0.5, help="tile overlap in [0, 1) (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per batch (default: by device)")
+    p.add_argument("--backend", choices=["torch", "openvino"], default="torch",
+                   help="torch (default) or openvino (CPU only; pip install napari-u2net[openvino])")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="keep every connected component (default: largest one per class)")
+    p.add_argument("--no-amp", action="store_true", help="full float32 on the GPU")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from tqdm import tqdm
+
+    from ..inference import InferenceConfig, predict_files
+
+    config = InferenceConfig(
+        device=args.device, overlap=args.overlap, batch_size=args.batch_size,
+        postprocess=not args.no_postprocess, backend=args.backend, amp=not args.no_amp,
+    )
+    bars: dict[str, tqdm] = {}
+
+    def progress(p) -> None:
+        if args.quiet:
+            return
+        bar = bars.get(p.domain)
+        if bar is None:
+            bar = bars[p.domain] = tqdm(total=p.total or None, desc=p.domain, unit="tile", file=sys.stderr,
+                                        leave=True, dynamic_ncols=True)
+        if p.total and bar.total != p.total:
+            bar.total = p.total
+        bar.set_postfix_str(p.stage, refresh=False)
+        bar.n = p.done
+        bar.refresh()
+
+    try:
+        paths = predict_files(args.images, args.domain, args.output, model=args.model, config=config,
+                              progress=progress, overwrite=args.overwrite)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    for domain, path in paths.items():
+        print(f"{domain}: {path}")
+    return 0

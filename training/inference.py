@@ -1,0 +1,281 @@
+"""Segmenting an image with a model: the pipeline of SPEC §4.
+
+image (any orientation and spacing) → exact reorientation to canonical axes → resampling to the
+domain's spacing (SimpleITK, linear) → normalisation from the adapter's metadata → Gaussian
+sliding window (:mod:`training.sliding_window`) → probabilities resampled back onto the
+original grid (linear) → argmax → optional largest component per class → labels with exactly
+the input's shape, on the input's grid (same affine).
+
+Several domains share the reorientation and, when their spacings agree, the resampling.
+Everything a user can get wrong is checked before any computation starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backends import BACKENDS, make_runner
+from .devices import default_batch_size, resolve_device
+from .errors import InputError
+from .normalization import normalize
+from .postprocess import keep_largest_component
+from .resample import (
+    canonical_orientation,
+    needs_resampling,
+    reorient_affine,
+    reorient_array,
+    resample,
+    resampled_grid,
+    undo_reorient_array,
+)
+from .sliding_window import (
+    CancelFlag,
+    InferenceProgress,
+    check_cancel,
+    count_tiles,
+    iter_probability_slabs,
+    sliding_window,
+)
+from .volume import Volume, label_dtype
+
+__all__ = [
+    "InferenceConfig",
+    "InferenceProgress",
+    "predict",
+    "predict_files",
+    "sliding_window",
+    "validate_input",
+]
+
+
+@dataclass
+class InferenceConfig:
+    device: str = "auto"  # auto (CUDA > MPS > CPU) | cpu | cuda | cuda:N | mps
+    overlap: float = 0.5
+    batch_size: int | None = None  # tiles per batch; None = sensible default per device
+    postprocess: bool = True  # keep the largest connected component per class
+    backend: str = "torch"  # "torch" | "openvino" (CPU only, optional extra)
+    amp: bool = True  # mixed precision on CUDA only; never bf16 on CPU
+
+
+ProgressFn = Callable[[InferenceProgress], None]
+
+
+# -- validation ---------------------------------------------------------------------------------
+def validate_config(config: InferenceConfig) -> None:
+    if not 0 <= config.overlap < 1:
+        raise InputError(f"overlap must be ≥ 0 and < 1, got {config.overlap}")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise InputError(f"batch size must be ≥ 1, got {config.batch_size}")
+    if config.backend not in BACKENDS:
+        raise InputError(f"unknown backend {config.backend!r}; use one of {', '.join(BACKENDS)}")
+
+
+def validate_input(model, volume: Volume, domains: list[str]) -> None:
+    """Raise :class:`InputError` for anything that would make the result meaningless."""
+    if not domains:
+        raise InputError("no domain given; pick one of: " + ", ".join(model.domains))
+    for d in domains:
+        if d not in model.adapters:
+            raise InputError(f"unknown domain {d!r}; this model has: {', '.join(model.domains) or 'none'}")
+    where = f"{volume.source}: " if volume.source else ""
+    if any(s < 2 for s in volume.shape):
+        raise InputError(f"{where}this is a 2D image (shape {volume.shape}); the model segments 3D volumes")
+    for d in domains:
+        meta = model.meta(d)
+        want, got = meta.in_channels, volume.channels
+        if got == want:
+            continue
+        if want == 1:
+            raise InputError(
+                f"{where}the image has {got} volumes along its 4th axis (a time series or several "
+                f"channels) but domain {d!r} expects one 3D volume; extract the volume to segment"
+            )
+        raise InputError(
+            f"{where}domain {d!r} expects {want} modalities ({', '.join(meta.modalities)}) but "
+            f"got {got}; give one file per modality in that order, or one 4D file"
+        )
+    if not np.issubdtype(volume.data.dtype, np.number) or np.issubdtype(volume.data.dtype, np.complexfloating):
+        raise InputError(f"{where}unsupported voxel type {volume.data.dtype}; a real-valued image is needed")
+    if np.issubdtype(volume.data.dtype, np.floating):
+        for c in range(volume.channels):
+            if not np.isfinite(volume.data[c]).all():
+                raise InputError(
+                    f"{where}channel {c} contains NaN or infinite voxels; fix or mask them before segmenting"
+                )
+    try:
+        canonical_orientation(volume.affine)
+    except ValueError as e:
+        raise InputError(f"{where}{e}") from None
+
+
+# -- the pipeline -------------------------------------------------------------------------------
+def predict(
+    model,
+    volume: Volume,
+    domains: list[str],
+    config: InferenceConfig | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelFlag = None,
+) -> dict[str, np.ndarray]:
+    """Segment ``volume`` with each domain of ``model``; returns ``{domain: labels}``.
+
+    Labels have exactly ``volume.shape`` and lie on the volume's grid (write them with
+    ``volume.affine``). Raises :class:`InputError` on unusable input before any work and
+    :class:`~training.errors.Cancelled` (returning nothing) when ``cancel`` is set.
+    """
+    config = config or InferenceConfig()
+    if isinstance(domains, str):
+        domains = [domains]
+    validate_config(config)
+    validate_input(model, volume, domains)
+    device = resolve_device(config.device)
+    batch = config.batch_size or default_batch_size(device)
+
+    def report(domain, done, total, stage):
+        if progress is not None:
+            progress(InferenceProgress(domain, done, total, stage))
+
+    orient = canonical_orientation(volume.affine)
+    affine_c = reorient_affine(volume.affine, volume.shape, orient)
+    data_c = reorient_array(volume.data, orient)  # a view
+    shape_c = tuple(data_c.shape[1:])
+
+    # Group domains by target grid so that each distinct spacing is resampled once.
+    groups: dict[tuple, list[str]] = {}
+    for d in domains:
+        spacing = tuple(float(s) for s in model.meta(d).spacing)
+        key = spacing if needs_resampling(affine_c, spacing) else None
+        groups.setdefault(key, []).append(d)
+
+    results: dict[str, np.ndarray] = {}
+    for spacing, group in groups.items():
+        for d in group:
+            report(d, 0, 0, "preprocess")
+        check_cancel(cancel)
+        if spacing is None:
+            grid_affine, grid_shape = affine_c, shape_c
+            image = np.ascontiguousarray(data_c, dtype=np.float32)
+        else:
+            grid_affine, grid_shape = resampled_grid(affine_c, shape_c, spacing)
+            image = np.stack([resample(c, affine_c, grid_affine, grid_shape) for c in data_c])
+        for d in group:
+            meta = model.meta(d)
+            check_cancel(cancel)
+            x = torch.from_numpy(normalize(image, meta.normalization))
+            total = count_tiles(grid_shape, meta.patch_size, config.overlap)
+            runner = make_runner(
+                model.net, d, config.backend, device, amp=config.amp,
+                patch_size=meta.patch_size, batch_size=batch,
+            )
+            slabs = iter_probability_slabs(
+                runner, d, x, meta.patch_size, overlap=config.overlap, batch_size=batch,
+                progress=progress, cancel=cancel,
+            )
+            dtype = label_dtype(meta.num_classes - 1)
+            if spacing is None:
+                labels_c = np.empty(grid_shape, dtype=dtype)
+                for z0, z1, probs in slabs:
+                    labels_c[z0:z1] = probs.argmax(dim=0).numpy()
+            else:
+                probs16 = np.empty((meta.num_classes, *grid_shape), dtype=np.float16)
+                for z0, z1, probs in slabs:
+                    probs16[:, z0:z1] = probs.numpy()
+                del x
+                report(d, total, total, "resample")
+                labels_c = _resampled_argmax(probs16, grid_affine, affine_c, shape_c, dtype, cancel)
+                del probs16
+            labels = np.ascontiguousarray(undo_reorient_array(labels_c, orient))
+            del labels_c
+            if config.postprocess:
+                check_cancel(cancel)
+                report(d, total, total, "postprocess")
+                keep_largest_component(labels, meta.num_classes)
+            results[d] = labels
+            report(d, total, total, "done")
+        del image
+    return {d: results[d] for d in domains}
+
+
+def _resampled_argmax(probs: np.ndarray, src_affine, dst_affine, dst_shape, dtype, cancel) -> np.ndarray:
+    """Argmax of the class probabilities resampled onto the target grid, one class at a time."""
+    best = None
+    labels = np.zeros(dst_shape, dtype=dtype)
+    for k in range(probs.shape[0]):
+        check_cancel(cancel)
+        p = resample(probs[k].astype(np.float32), src_affine, dst_affine, dst_shape)
+        if best is None:
+            best = p
+        else:
+            better = p > best
+            labels[better] = k
+            np.maximum(best, p, out=best)
+    return labels
+
+
+# -- files --------------------------------------------------------------------------------------
+def case_name(path: str | Path) -> str:
+    """``/data/case_001_0000.nii.gz`` → ``case_001_0000``; a DICOM folder → its name."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def output_paths(output: str | Path, images: list, domains: list[str]) -> dict[str, Path]:
+    """Where each domain's labels go: OUT itself (a .nii/.nii.gz, one domain) or OUT/<case>_<domain>.nii.gz."""
+    from .volume import is_nifti
+
+    output = Path(output)
+    if is_nifti(output):
+        if len(domains) != 1:
+            raise InputError(f"{output}: several domains need an output folder, not one file")
+        return {domains[0]: output}
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output}: exists and is not a folder; give a folder or a .nii.gz path")
+    case = case_name(images[0])
+    return {d: output / f"{case}_{d}.nii.gz" for d in domains}
+
+
+def predict_files(
+    images: list[str | Path],
+    domains: list[str],
+    output: str | Path,
+    model=None,
+    config: InferenceConfig | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelFlag = None,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Read one case (its modality files, a 4D file or a DICOM folder), segment it, write labels.
+
+    ``model`` is a loaded :class:`~training.modelfile.Model`, a model directory, or None for the
+    bundled model. Nothing is written unless every domain succeeded.
+    """
+    from .modelfile import Model, load_model
+    from .registry import resolve_model
+    from .volume import read_image, write_labels
+
+    if isinstance(images, (str, Path)):
+        images = [images]
+    images = [Path(p) for p in images]
+    paths = output_paths(output, images, domains)
+    resolved_inputs = {p.resolve() for p in images}
+    for path in paths.values():
+        if path.resolve() in resolved_inputs:
+            raise InputError(f"{path}: output would overwrite an input image")
+        if path.exists() and not overwrite:
+            raise InputError(f"{path}: already exists; remove it or pass --overwrite")
+    if not isinstance(model, Model):
+        model = load_model(resolve_model(model), domains=domains)
+    volume = read_image(images if len(images) > 1 else images[0])
+    labels = predict(model, volume, domains, config, progress, cancel)
+    for d, path in paths.items():
+        write_labels(path, labels[d], volume.affine, like=volume)
+    return paths
