@@ -1,0 +1,98 @@
+"""``u2net predict``: outputs, geometry, exit codes on bad input, and the console script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from training.cli import main
+
+
+def _image(path: Path, shape=(20, 24, 18), seed: int = 0) -> Path:
+    a = np.radians(6.0)  # a slightly oblique, anisotropic, left-right flipped grid
+    rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([-1.2, 0.9, 2.0])
+    affine[:3, 3] = [30, -14, 7]
+    data = np.random.default_rng(seed).normal(100, 20, shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def test_predict_writes_labels_on_the_input_grid(tmp_path, model_dir, capsys):
+    image = _image(tmp_path / "case.nii.gz")
+    out = tmp_path / "labels.nii.gz"
+    rc = main(["predict", str(image), "--domain", "ct", "--model", str(model_dir), "-o", str(out), "--device", "cpu"])
+    assert rc == 0
+    labels, ref = nib.load(out), nib.load(image)
+    assert labels.shape == ref.shape
+    assert np.array_equal(labels.affine, ref.affine)
+    assert labels.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asanyarray(labels.dataobj))) <= {0, 1}
+    captured = capsys.readouterr()
+    assert "ct" in captured.err  # the progress bar
+    assert str(out) in captured.out
+
+
+def test_two_modalities_into_a_folder(tmp_path, model_dir):
+    t2 = _image(tmp_path / "case7_0000.nii.gz", seed=1)
+    adc = _image(tmp_path / "case7_0001.nii.gz", seed=2)
+    out = tmp_path / "results"
+    rc = main(["predict", str(t2), str(adc), "--domain", "mr2", "--model", str(model_dir), "-o", str(out),
+               "--device", "cpu", "--overlap", "0.25", "--no-postprocess", "--quiet"])
+    assert rc == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["case7_0000_mr2.nii.gz"]
+    labels = np.asanyarray(nib.load(out / written[0]).dataobj)
+    assert labels.shape == (20, 24, 18) and labels.max() <= 2
+
+
+@pytest.mark.parametrize(
+    "problem", ["2D image", "missing file", "wrong modality count", "bad overlap", "several domains, one file"]
+)
+def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_dir, capsys, problem):
+    image = _image(tmp_path / "case.nii.gz")
+    out = tmp_path / "labels.nii.gz"
+    args = [str(image), "--domain", "ct"]
+    if problem == "2D image":
+        flat = tmp_path / "flat.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((30, 30), np.float32), np.eye(4)), flat)
+        args = [str(flat), "--domain", "ct"]
+    elif problem == "missing file":
+        args = [str(tmp_path / "nope.nii.gz"), "--domain", "ct"]
+    elif problem == "wrong modality count":
+        args = [str(image), "--domain", "mr2"]
+    elif problem == "bad overlap":
+        args += ["--overlap", "1.5"]
+    else:
+        args += ["--domain", "mr2"]
+    rc = main(["predict", *args, "--model", str(model_dir), "-o", str(out), "--device", "cpu", "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("u2net predict: error: ")
+    assert not out.exists()
+
+
+def test_console_script(tmp_path, model_dir):
+    script = Path(sys.executable).with_name("u2net")
+    if not script.exists():
+        pytest.skip("u2net console script not installed in this environment")
+    image = _image(tmp_path / "case.nii.gz", shape=(12, 16, 16))
+    out = tmp_path / "seg.nii"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(script), "predict", str(image), "--domain", "ct", "--model", str(model_dir), "-o", str(out),
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert nib.load(out).shape == (12, 16, 16)
+    again = subprocess.run([str(script), "predict", str(image), "--domain", "ct", "--model", str(model_dir),
+                            "-o", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=240)
+    assert again.returncode == 2 and "already exists" in again.stderr
