@@ -74,7 +74,9 @@ def mni152_files() -> dict[str, Path]:
     paths = {k: data / v for k, v in _FILES.items()}
     missing = [p.name for p in paths.values() if not p.is_file()]
     if missing:
-        raise InputError(f"this nilearn install lacks {', '.join(missing)} in {data}; install nilearn >= 0.10")
+        raise InputError(
+            f"this nilearn install lacks {', '.join(missing)} in {data}; install nilearn >= 0.10"
+        )
     return paths
 
 

@@ -147,7 +147,9 @@ def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://"))
 
 
-def read_registry(source: str | Path, cache: Path | None = None, timeout: float = 10.0) -> dict[str, RegistryEntry]:
+def read_registry(
+    source: str | Path, cache: Path | None = None, timeout: float = 10.0
+) -> dict[str, RegistryEntry]:
     """Read a registry file, or fetch it from an http(s) URL.
 
     A fetched registry is kept in ``<cache>/registries/`` and used from there when the URL
@@ -166,7 +168,8 @@ def read_registry(source: str | Path, cache: Path | None = None, timeout: float 
 
     import requests
 
-    copy = (cache or cache_dir()) / "registries" / (hashlib.sha256(source.encode()).hexdigest()[:16] + ".json")
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
+    copy = (cache or cache_dir()) / "registries" / f"{key}.json"
     try:
         response = requests.get(source, timeout=timeout)
         response.raise_for_status()
@@ -333,7 +336,8 @@ def download_model(
                 except requests.RequestException as e:
                     raise RegistryError(
                         f"cannot download {f.path} for model {name!r} from {f.url} ({e}); nothing was "
-                        f"kept. Try again; without internet here, run `u2net download {name}` on a computer that has it and "
+                        f"kept. Try again; without internet here, run `u2net download {name}` on a "
+                        f"computer that has it and "
                         f"copy {model_dir} to the same place here (or point {HOME_ENV} at a copy)"
                     ) from e
                 if f.size is not None and target.stat().st_size != f.size:
@@ -367,7 +371,10 @@ def _manifest_entry(model_dir: Path) -> RegistryEntry | None:
 def _unknown(name: str, registry: Registry, cache: Path | None) -> RegistryError:
     bundled = [BUNDLED_MODEL] if bundled_model_dir().is_dir() else []
     known = sorted({*bundled, *registry.entries, *(e.name for e in _cached_entries(cache))})
-    msg = f"unknown model {name!r}: not a model directory nor a known name (known: {', '.join(known) or 'none'})"
+    msg = (
+        f"unknown model {name!r}: not a model directory nor a known name "
+        f"(known: {', '.join(known) or 'none'})"
+    )
     if registry.problems:
         msg += "; note: " + "; ".join(registry.problems)
     return RegistryError(msg)
