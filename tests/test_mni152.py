@@ -72,8 +72,10 @@ def test_cases_vary_reproducibly_with_aligned_labels(template):
     a_img, a_lab = make_case(vol, labels, case_rng(0, 0, 0))
     b_img, b_lab = make_case(vol, labels, case_rng(0, 0, 1))
     c_img, c_lab = make_case(vol, labels, case_rng(0, 0, 0))
+    d_img, d_lab = make_case(vol, labels, case_rng(1, 0, 0))  # another seed, same index
     assert np.array_equal(a_img, c_img) and np.array_equal(a_lab, c_lab)
     assert not np.array_equal(a_lab, b_lab) and not np.array_equal(a_img, b_img)
+    assert not np.array_equal(a_lab, d_lab) and not np.array_equal(a_img, d_img)
     assert not np.array_equal(a_lab, labels)  # actually deformed
     for img, lab in ((a_img, a_lab), (b_img, b_lab)):
         assert img.dtype == np.int16 and lab.dtype == np.uint8 and img.shape == vol.shape

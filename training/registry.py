@@ -148,7 +148,7 @@ def _is_url(s: str) -> bool:
 
 
 def read_registry(
-    source: str | Path, cache: Path | None = None, timeout: float = 10.0
+    source: str | Path, cache: Path | None = None, timeout: float = 5.0
 ) -> dict[str, RegistryEntry]:
     """Read a registry file, or fetch it from an http(s) URL.
 
