@@ -126,12 +126,12 @@ def test_write_is_atomic(tmp_path, monkeypatch, model_dir):
     net = small_net(seed=7)
     path = adapter_path(model_dir, "ct")
     original = path.read_bytes()
-    import training.modelfile as mf
+    import training.atomic as atomic
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(mf.os, "replace", boom)
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(path, net, adapter_meta(net, "ct"), "abc")
     assert path.read_bytes() == original

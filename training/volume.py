@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import default_file_mode
 from .errors import InputError
 
 # Reverses the three spatial axes: our (d0, d1, d2) <-> NIfTI (i, j, k) / SimpleITK (x, y, z).
@@ -199,6 +200,7 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, like: V
     os.close(fd)
     try:
         nib.save(img, tmp)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
