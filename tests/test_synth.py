@@ -114,3 +114,41 @@ def test_force_refuses_foreign_data(tmp_path):
     with pytest.raises(DatasetError, match="notes.txt"):
         synth.write_dataset(tmp_path, "hippocampus-mr", 1, 0, size_scale=0.2, force=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _best_window_dice(img: np.ndarray, mask: np.ndarray) -> float:
+    """Dice of the best intensity window [lo, hi] for a class, chosen knowing the answer."""
+    qs = np.percentile(img[mask], np.linspace(0, 100, 11))
+    best = 0.0
+    for i, lo in enumerate(qs):
+        for hi in qs[i + 1:]:
+            pred = (img >= lo) & (img <= hi)
+            best = max(best, 2 * (pred & mask).sum() / (pred.sum() + mask.sum()))
+    return best
+
+
+@pytest.mark.parametrize("domain", ["spleen-ct", "pancreas-ct", "heart-mr", "prostate-mr"])
+def test_intensity_alone_does_not_segment(domain):
+    """Neighbours of similar intensity: a model must use shape and position."""
+    vol, lab = synth.generate_case(domain, 1, 0.4)
+    for c in range(1, int(lab.max()) + 1):
+        assert _best_window_dice(vol.data[0].astype(np.float64), lab == c) < 0.4
+
+
+def _world_centroid(vol, mask):
+    idx = np.argwhere(mask).mean(0)
+    return vol.affine[:3, :3] @ idx + vol.affine[:3, 3]
+
+
+def test_anatomy_sits_where_the_affine_says():
+    """CT is stored posterior/left (like DICOM-derived files); the anatomy is right in world mm."""
+    liver, lab_l = synth.generate_case("liver-ct", 2, SMALL)
+    spleen, lab_s = synth.generate_case("spleen-ct", 2, SMALL)  # same seed, different domain
+    assert liver.affine[0, 2] < 0 and liver.affine[1, 1] < 0  # axis 2 → left, axis 1 → posterior
+    centre = liver.affine[:3, :3] @ ((np.array(liver.shape) - 1) / 2) + liver.affine[:3, 3]
+    assert _world_centroid(liver, lab_l == 1)[0] > centre[0] + 20  # liver on the patient's right
+    centre_s = spleen.affine[:3, :3] @ ((np.array(spleen.shape) - 1) / 2) + spleen.affine[:3, 3]
+    assert _world_centroid(spleen, lab_s == 1)[0] < centre_s[0] - 40  # spleen on the left
+    assert _world_centroid(spleen, lab_s == 1)[1] < centre_s[1]  # and posterior
+    mr, _ = synth.generate_case("heart-mr", 2, SMALL)
+    assert mr.affine[0, 2] > 0 and mr.affine[1, 1] > 0

@@ -18,8 +18,10 @@ adaptation, inference, the plugin). They are built to make a wrong pipeline fail
   and divides the spacing.
 
 The canonical frame is RAS: x to the patient's right, y anterior, z superior. Arrays follow
-:mod:`training.volume` (axis 0 = slices = z, axis 1 = y, axis 2 = x) with a diagonal RAS
-affine whose origin varies per case.
+:mod:`training.volume` (axis 0 = slices = z, axis 1 = y, axis 2 = x) with an axis-aligned
+affine whose origin varies per case; CT is stored like DICOM-derived files (axes 1, 2 running
+posterior and left), MR in RAS order, so a pipeline that ignores the affine sees differently
+oriented anatomy across domains.
 
 API: :data:`SYNTH_DOMAINS`, :func:`list_domains`, :func:`generate_case`, :func:`case_seed`,
 :func:`write_dataset`.
@@ -126,6 +128,9 @@ def domain_info(domain: str) -> SynthDomainInfo:
         ) from None
 
 
+domain_spec = domain_info  # alias used by the napari sample-data hook
+
+
 def case_seed(seed: int, index: int) -> int:
     """The seed of case ``index`` of a dataset generated with ``seed`` (independent streams)."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
@@ -204,11 +209,16 @@ class _Grid:
     spacing: np.ndarray
 
 
-def _make_grid(shape, spacing, rng, rot_deg, shift_mm, elastic_mm, smooth_mm) -> _Grid:
-    """Scanner grid (diagonal RAS affine) and each voxel's position in the posed, deformed anatomy."""
+def _make_grid(shape, spacing, rng, rot_deg, shift_mm, elastic_mm, smooth_mm, lps: bool = False) -> _Grid:
+    """Scanner grid (axis-aligned affine) and each voxel's position in the posed, deformed anatomy.
+
+    Axis 0 runs to superior; axes 1, 2 to anterior, right, or with ``lps`` to posterior, left
+    (how DICOM-converted CT is often stored), so pipelines must honour the affine.
+    """
     spacing = np.asarray(spacing, dtype=np.float64)
     affine = np.zeros((4, 4))
-    affine[2, 0], affine[1, 1], affine[0, 2] = spacing  # d0 → S, d1 → A, d2 → R
+    sign = -1.0 if lps else 1.0
+    affine[2, 0], affine[1, 1], affine[0, 2] = spacing * [1.0, sign, sign]
     affine[3, 3] = 1.0
     center_idx = (np.asarray(shape) - 1) / 2
     origin = rng.uniform(-60, 60, 3).round(1)
@@ -557,7 +567,7 @@ def _render(info: SynthDomainInfo, rng: np.random.Generator, size_scale: float) 
     spacing = base * np.array(info.shape) / np.array(shape)  # keep the field of view
     labels = {name: i for i, name in enumerate(info.classes)}
     if info.modality == "CT":
-        g = _make_grid(shape, spacing, rng, (4, 4, 10), (15, 15, 15), 6.0, 60.0)
+        g = _make_grid(shape, spacing, rng, (4, 4, 10), (15, 15, 15), 6.0, 60.0, lps=True)
         organ = domain.split("-")[0]
         cv = _ct_abdomen(g, rng, labels, tumour_in=organ if "tumour" in labels else None)
         img, lab = _finish_ct(cv, g, rng), cv.lab
