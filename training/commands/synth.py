@@ -39,16 +39,19 @@ def run(args: argparse.Namespace) -> int:
     total = args.cases + max(args.test_cases, 0)
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=f"synth {args.domain}", unit="case", file=sys.stderr, disable=total < 2)
+    bars = []  # created on the first finished case, so a refused folder shows no bar
 
     def progress(done: int, _total: int) -> None:
-        bar.update(done - bar.n)
+        if not bars:
+            bars.append(tqdm(total=total, desc=f"synth {args.domain}", unit="case", file=sys.stderr, disable=total < 2))
+        bars[0].update(done - bars[0].n)
 
     try:
         out = write_dataset(
             args.out, args.domain, args.cases, args.seed, args.test_cases, args.size_scale, progress, args.force
         )
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     print(out / "dataset.json", file=sys.stderr)
     return 0
