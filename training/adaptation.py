@@ -22,8 +22,8 @@ from .errors import InputError, U2NetError
 from .losses import IGNORE_INDEX
 from .modelfile import AdapterMeta, Model, adapter_path, load_model, make_classes, save_adapter
 from .network import pool_counts_for_patch
-from .normalization import normalize
 from .sampling import ArrayCase
+from .volume import Volume
 from .trainer import DomainData, TrainConfig, TrainReport, run_training
 from .training_run import domain_name, provenance
 
@@ -136,41 +136,60 @@ def default_patch(shape, cap=DEFAULT_PATCH_CAP) -> tuple[int, int, int]:
     return tuple(max(8, min(int(s), c) // 4 * 4) for s, c in zip(shape, cap))
 
 
+def _as_volume(image, spacing) -> Volume:
+    if isinstance(image, Volume):
+        return image
+    data = np.asarray(image, dtype=np.float32)
+    data = data[None] if data.ndim == 3 else data
+    affine = np.diag([*(float(s) for s in (spacing or (1.0, 1.0, 1.0))), 1.0])
+    return Volume(data, affine)
+
+
 def cases_from_arrays(
     cases: list,
     modality: str,
     spacing=None,
     ignore_index: int = IGNORE_INDEX,
+    patch_size=None,
+    class_names: list[str] | None = None,
 ) -> tuple[list[ArrayCase], list[float], list[dict]]:
-    """(Volume or (C, Z, Y, X) raw array, labels (Z, Y, X)) pairs → normalised cases.
+    """(Volume or raw (C, Z, Y, X) array, labels (Z, Y, X)) pairs → preprocessed cases.
 
-    Images are used at their own spacing (the adapter records it; inference resamples new
-    images to it). Labels: 0 background, 1..K classes, ``ignore_index`` unlabelled.
+    Cases go through :func:`training.preprocess.preprocess_case` exactly as dataset cases do
+    (canonical axes, the first case's spacing, normalisation, crop), so inference later sees new
+    images the same way. A bare array gets the voxel size ``spacing`` (default 1 mm). Labels:
+    0 background, 1..K classes, ``ignore_index`` unlabelled. Returns the cases, the spacing
+    (canonical z, y, x) and the normalisation specs.
     """
-    images, labels, spacings = [], [], []
+    from .preprocess import PreprocessPlan, preprocess_case
+    from .resample import canonical_orientation, reorient_affine
+    from .volume import spacing_of
+
+    volumes, labels = [], []
     for i, (image, label) in enumerate(cases):
-        if hasattr(image, "data"):  # a training.volume.Volume
-            spacings.append([float(s) for s in image.spacing])
-            image = image.data
-        image = np.asarray(image, dtype=np.float32)
-        if image.ndim == 3:
-            image = image[None]
+        vol = _as_volume(image, spacing)
         label = np.asarray(label)
-        if image.ndim != 4 or image.shape[1:] != label.shape:
-            raise InputError(f"case {i}: image {image.shape} and labels {label.shape} do not match "
-                             "(expected image (C, Z, Y, X) and labels (Z, Y, X))")
+        if vol.data.ndim != 4 or tuple(vol.shape) != label.shape:
+            raise InputError(f"case {i}: image {tuple(vol.data.shape)} and labels {label.shape} do not "
+                             "match (expected image (C, Z, Y, X) and labels (Z, Y, X))")
         if not ((label > 0) & (label != ignore_index)).any():
             raise InputError(f"case {i}: no foreground voxel is labelled; paint at least one structure")
-        images.append(image)
+        if volumes and vol.channels != volumes[0].channels:
+            raise InputError(f"case {i}: {vol.channels} channel(s), the first case has {volumes[0].channels}")
+        volumes.append(vol)
         labels.append(label.astype(np.uint8))
-    if spacing is None:
-        spacing = spacings[0] if spacings else [1.0, 1.0, 1.0]
-    for s in spacings[1:]:
-        if not np.allclose(s, spacing, rtol=0.01):
-            raise InputError(f"all cases must have the same voxel spacing ({spacing} vs {s}); resample them first")
-    specs = normalization_for(images, labels, modality, ignore_index)
-    out = [ArrayCase(f"case{i}", normalize(img, specs), lab) for i, (img, lab) in enumerate(zip(images, labels))]
-    return out, [float(s) for s in spacing], specs
+    first = volumes[0]
+    o = canonical_orientation(first.affine)
+    target = [float(s) for s in spacing_of(reorient_affine(first.affine, first.shape, o))]
+    specs = normalization_for([np.asarray(v.data, np.float32) for v in volumes], labels, modality, ignore_index)
+    plan = PreprocessPlan(spacing=target, normalization=specs, modality=modality,
+                          patch_size=list(patch_size or [64, 64, 64]),
+                          class_names=list(class_names or []))
+    out = []
+    for i, (vol, lab) in enumerate(zip(volumes, labels)):
+        pc = preprocess_case(vol, lab, plan, f"case{i}")
+        out.append(ArrayCase(pc.id, pc.image, pc.label))
+    return out, target, specs
 
 
 def adapt_domain(
@@ -198,7 +217,8 @@ def adapt_domain(
     when stopped) into ``model_dir/adapters/<name>.safetensors``.
     """
     config = config or TrainConfig(iterations=200, batch_size=2, checkpoint_every=0)
-    arrays, spacing, specs = cases_from_arrays(cases, modality, spacing, config.ignore_index)
+    arrays, spacing, specs = cases_from_arrays(cases, modality, spacing, config.ignore_index,
+                                               config.patch_size, class_names)
     if len(class_names) < 2:
         raise InputError("class_names must list the background and at least one structure")
     top = max(int(np.max(c.label[c.label != config.ignore_index], initial=0)) for c in arrays)
@@ -219,9 +239,13 @@ def adapt_domain(
     )
     val = []
     if val_cases:
-        val = [ArrayCase(f"val{i}", normalize(np.asarray(getattr(im, "data", im), np.float32).reshape(
-            (channels, *np.asarray(lab).shape)), specs), np.asarray(lab, np.uint8))
-            for i, (im, lab) in enumerate(val_cases)]
+        from .preprocess import PreprocessPlan, preprocess_case
+
+        plan = PreprocessPlan(spacing=spacing, normalization=specs, modality=modality,
+                              patch_size=list(patch), class_names=list(class_names))
+        for i, (im, lab) in enumerate(val_cases):
+            pc = preprocess_case(_as_volume(im, spacing), np.asarray(lab, np.uint8), plan, f"val{i}")
+            val.append(ArrayCase(pc.id, pc.image, pc.label))
     data = DomainData(meta, arrays, val)
     return adapt(model_dir, data, config, init_from=init_from, work_dir=work_dir,
                  overwrite=overwrite, stop=stop)

@@ -53,7 +53,7 @@ def domain_from_dataset(
     class_names = list(plan.class_names or ds.class_names)
     colors = list(getattr(ds, "colors", None) or []) or None
     meta = AdapterMeta(
-        domain=domain_name(name or ds.name),
+        domain=domain_name(name or getattr(ds, "domain", "") or ds.name),
         modalities=list(ds.modalities),
         classes=make_classes(class_names, colors[: len(class_names)] if colors else None),
         spacing=[float(s) for s in plan.spacing],

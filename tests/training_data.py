@@ -1,0 +1,33 @@
+"""Easy in-memory segmentation data for training tests: bright (or dark) balls in noise."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from training.modelfile import AdapterMeta, make_classes
+from training.sampling import ArrayCase
+from training.trainer import DomainData
+
+
+def ball_case(seed: int, shape=(32, 32, 32), contrast: float = 2.0, balls: int = 1):
+    """Image (1, Z, Y, X) float32 (noise + ``contrast`` inside the balls) and labels (Z, Y, X)."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.indices(shape)
+    lab = np.zeros(shape, np.uint8)
+    for _ in range(balls):
+        c = [rng.uniform(0.3 * s, 0.7 * s) for s in shape]
+        r = rng.uniform(0.15, 0.25) * min(shape)
+        lab[((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < r * r] = 1
+    img = rng.normal(0, 1, shape).astype(np.float32) + contrast * lab
+    return img[None], lab
+
+
+def ball_domain(name: str, n_train: int = 4, n_val: int = 1, seed: int = 0, contrast: float = 2.0,
+                patch=(24, 24, 24), shape=(32, 32, 32)) -> DomainData:
+    def case(i):
+        img, lab = ball_case(seed * 1000 + i, shape, contrast)
+        return ArrayCase(f"{name}{i}", img, lab)
+
+    meta = AdapterMeta(domain=name, modalities=["CT"], classes=make_classes(["background", "ball"]),
+                       patch_size=list(patch), normalization=[{"scheme": "none"}])
+    return DomainData(meta, [case(i) for i in range(n_train)], [case(100 + i) for i in range(n_val)])
