@@ -161,3 +161,15 @@ def test_plan_cached_and_no_cache_mode(ct_dir, monkeypatch):
     p3 = plan_dataset(ds)
     assert p1 == p2 == p3
     assert len(reads) == 3 * n  # plan, preprocessing, plan again; the third plan came from the cache
+
+
+def test_oblique_image_keeps_its_shape():
+    """An oblique acquisition (20° about the body axis) is reoriented to the closest axes, not rotated."""
+    vol, label = _sphere_volume()
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    rot = np.eye(4)
+    rot[:2, :2] = [[c, -s], [s, c]]
+    out = preprocess_case(Volume(vol.data, rot @ vol.affine), label, PLAN, "s")
+    assert (out.label == 1).sum() * 8.0 == pytest.approx(4 / 3 * np.pi * 12.0**3, rel=0.15)
+    marker = np.argwhere(out.label == 2).mean(0)
+    assert np.all(marker > np.array(out.label.shape) * 0.8)
