@@ -175,13 +175,13 @@ def predict(
             )
             slabs = iter_probability_slabs(
                 runner, d, x, meta.patch_size, overlap=config.overlap, batch_size=batch,
-                progress=progress, cancel=cancel,
+                progress=progress, cancel=cancel, labels_only=spacing is None,
             )
             dtype = label_dtype(meta.num_classes - 1)
-            if spacing is None:
+            if spacing is None:  # on the model's grid already: only labels are ever formed
                 labels_c = np.empty(grid_shape, dtype=dtype)
-                for z0, z1, probs in slabs:
-                    labels_c[z0:z1] = probs.argmax(dim=0).numpy()
+                for z0, z1, block in slabs:
+                    labels_c[z0:z1] = block
             else:
                 probs16 = np.empty((meta.num_classes, *grid_shape), dtype=np.float16)
                 for z0, z1, probs in slabs:

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +28,7 @@ from .errors import Cancelled, InputError, U2NetError
 
 SIGMA_SCALE = 0.125  # Gaussian sigma as a fraction of the patch (MONAI's and nnU-Net's choice)
 MIN_WEIGHT = 1e-3  # MONAI's floor for the importance map (avoids 0/0 at tile corners)
+OUTPUT_ROWS = 8  # finished slices are handed out this many at a time
 
 
 @dataclass
@@ -121,9 +123,13 @@ def iter_probability_slabs(
     batch_size: int | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
+    labels_only: bool = False,
+) -> Iterator[tuple[int, int, torch.Tensor | np.ndarray]]:
     """Yield ``(z0, z1, probs)``: softmax probabilities (K, z1-z0, Y, X) float32 on the CPU for
-    consecutive slabs of axis 0 of ``image`` (C, Z, Y, X) until the whole volume is covered."""
+    consecutive slabs of axis 0 of ``image`` (C, Z, Y, X) until the whole volume is covered.
+
+    With ``labels_only`` the slabs are argmax labels (z1-z0, Y, X) as uint8 (uint16 beyond 256
+    classes) numpy arrays instead: no probabilities are ever formed."""
     if image.ndim != 4:
         raise InputError(f"expected an image (C, Z, Y, X), got shape {tuple(image.shape)}")
     if not 0 <= overlap < 1:
@@ -142,6 +148,7 @@ def iter_probability_slabs(
     yx_starts = [(y, x) for y in tile_starts(yp, py, overlap) for x in tile_starts(xp, px, overlap)]
     total = len(z_starts) * len(yx_starts)
     k = runner.num_classes
+    label_dtype = np.uint8 if k <= 256 else np.uint16
     policy = OomPolicy(batch_size or default_batch_size(runner.device))
 
     acc_device = runner.device
@@ -191,14 +198,18 @@ def iter_probability_slabs(
             z1 = z_starts[gi + 1] if gi + 1 < len(z_starts) else zp
             n = z1 - z0
             a, b = max(z0, zlo), min(z1, z_end)  # drop the padding rows
-            if b > a:
-                rows = slice(a - z0, b - z0)
-                cols = (slice(ylo, ylo + shape[1]), slice(xlo, xlo + shape[2]))
-                slab = acc[:, rows, cols[0], cols[1]] / weight[rows, cols[0], cols[1]]
-                probs = torch.softmax(slab, dim=0).cpu()
-                del slab
-                yield a - zlo, b - zlo, probs
-                del probs
+            # Finished rows go out a few at a time, so temporaries stay a few slices thin.
+            ys, xs = slice(ylo, ylo + shape[1]), slice(xlo, xlo + shape[2])
+            for r0 in range(a, b, OUTPUT_ROWS):
+                r1 = min(r0 + OUTPUT_ROWS, b)
+                block = acc[:, r0 - z0 : r1 - z0, ys, xs]
+                if labels_only:  # the weights are positive: argmax of the sum = of the average
+                    out = block.argmax(dim=0).cpu().numpy().astype(label_dtype)
+                else:
+                    out = torch.softmax(block / weight[r0 - z0 : r1 - z0, ys, xs], dim=0).cpu()
+                del block
+                yield r0 - zlo, r1 - zlo, out
+                del out
             keep = pz - n
             if keep > 0:
                 acc[:, :keep] = acc[:, n : n + keep].clone()
@@ -240,18 +251,10 @@ def sliding_window(
     return out
 
 
-def sliding_window_labels(
-    runner,
-    domain: str,
-    image: torch.Tensor,
-    patch_size,
-    **kwargs,
-):
-    """Argmax labels (Z, Y, X) uint8/uint16 as a numpy array, never holding full probabilities."""
-    import numpy as np
-
+def sliding_window_labels(runner, domain: str, image: torch.Tensor, patch_size, **kwargs) -> np.ndarray:
+    """Argmax labels (Z, Y, X) uint8 (uint16 beyond 256 classes), never forming probabilities."""
     k = runner.num_classes
     labels = np.empty(tuple(image.shape[1:]), dtype=np.uint8 if k <= 256 else np.uint16)
-    for z0, z1, probs in iter_probability_slabs(runner, domain, image, patch_size, **kwargs):
-        labels[z0:z1] = probs.argmax(dim=0).numpy()
+    for z0, z1, block in iter_probability_slabs(runner, domain, image, patch_size, labels_only=True, **kwargs):
+        labels[z0:z1] = block
     return labels
