@@ -111,3 +111,63 @@ def test_refuses_to_overwrite_an_existing_output(tmp_path):
     with pytest.raises(U2NetError, match="no training state"):
         consume(train_model([ball_domain("a", 1, 0)], tmp_path / "m2", TrainConfig(iterations=1),
                             ARCH, resume=True))
+
+
+# -- command line -------------------------------------------------------------------------------
+def test_cli_train_evaluate_predict(tmp_path, capsys):
+    import json
+    import shutil
+
+    import nibabel as nib
+
+    from training.cli import main
+    from training.datasets import load_dataset
+    from training.inference import InferenceConfig, predict
+    from training.volume import read_image
+    from tests.training_data import TINY_ARGS, TINY_TRAIN_ARGS, small_synth_dataset
+
+    ds_dir = small_synth_dataset(tmp_path / "hip")
+    out = tmp_path / "model"
+    assert main(["train", str(ds_dir), "-o", str(out), "--iterations", "4", "--cache", str(tmp_path / "c"),
+                 *TINY_TRAIN_ARGS]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["iterations"] == 4
+    model = load_model(out)
+    (domain,) = model.domains
+    meta = model.meta(domain)
+    assert meta.modality == "MR" and meta.patch_size == [16, 16, 16] and len(meta.classes) == 3
+    assert meta.provenance["dataset"] == str(ds_dir.resolve()) and meta.provenance["iterations"] == 4
+
+    # predict --model works on a model made by train
+    ds = load_dataset(ds_dir)
+    case = ds.training[0]
+    assert main(["predict", str(case.images[0]), "--model", str(out), "--domain", domain,
+                 "-o", str(tmp_path / "pred.nii.gz"), "--device", "cpu", "--quiet"]) == 0
+    assert nib.load(tmp_path / "pred.nii.gz").shape == nib.load(case.label).shape
+    capsys.readouterr()
+
+    # evaluate: per-case lines then a summary whose numbers are predict()'s Dice
+    assert main(["evaluate", str(ds_dir), "--model", str(out), "--domain", domain, "--json",
+                 "--limit", "1", "--device", "cpu"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert lines[0]["case"] == case.id and len(lines) == 2
+    pred = predict(model, read_image(case.images), [domain], InferenceConfig(device="cpu"))[domain]
+    truth = read_image(case.label).data[0].astype(int)
+    expected = dice_per_class(pred, truth, 3)
+    got = list(lines[0]["dice"].values())
+    assert np.allclose(np.nan_to_num(got, nan=-1), np.nan_to_num(expected, nan=-1))
+    assert lines[-1]["mean_dice"] == pytest.approx(np.nanmean(got)) or np.isnan(lines[-1]["mean_dice"])
+
+    # a bad dataset: one clear line naming the file, exit code 2
+    bad = tmp_path / "bad"
+    shutil.copytree(ds_dir, bad)
+    missing = sorted((bad / "labelsTr").iterdir())[1]
+    missing.unlink()
+    assert main(["train", str(bad), "-o", str(tmp_path / "m2"), "--iterations", "1", *TINY_TRAIN_ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("u2net train: error:") and missing.name in err[0]
+    (bad / "dataset.json").write_text("{not json")
+    assert main(["adapt", str(bad), "--model", str(out), *TINY_ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dataset.json" in err[0]
+    assert not (tmp_path / "m2").exists()

@@ -31,3 +31,14 @@ def ball_domain(name: str, n_train: int = 4, n_val: int = 1, seed: int = 0, cont
     meta = AdapterMeta(domain=name, modalities=["CT"], classes=make_classes(["background", "ball"]),
                        patch_size=list(patch), normalization=[{"scheme": "none"}])
     return DomainData(meta, [case(i) for i in range(n_train)], [case(100 + i) for i in range(n_val)])
+
+
+def small_synth_dataset(path, domain: str = "hippocampus-mr", cases: int = 3, seed: int = 0):
+    """A tiny MSD-layout synthetic dataset (about 18×24×20 voxels per case)."""
+    from training.synth import write_dataset
+
+    return write_dataset(path, domain, cases, seed, size_scale=0.5)
+
+
+TINY_ARGS = ["--patch-size", "16", "16", "16", "--device", "cpu", "--quiet", "--batch-size", "2"]
+TINY_TRAIN_ARGS = TINY_ARGS + ["--base-channels", "4", "--levels", "3"]

@@ -95,6 +95,7 @@ class TrainReport:
     val_dice: dict | None = None
     val_mean: float | None = None  # mean foreground Dice over the validated domains
     iterations: int = 0  # total planned
+    weights_hash: str | None = None  # last report under torchrun: this rank's weights (all agree)
 
 
 @dataclass
@@ -307,6 +308,10 @@ def run_training(
         eta = float(np.mean(recent)) * (config.iterations - done)
         report = TrainReport(done, d.name, float(loss.item()), lr, seconds, eta, val,
                              _mean_val(val) if val else None, config.iterations)
+        if dist.enabled and done == config.iterations:
+            from .modelfile import weights_hash
+
+            report.weights_hash = weights_hash(net.state_dict())
         if log_path is not None:
             with log_path.open("a", newline="") as f:
                 csv.writer(f).writerow([done, d.name, f"{report.loss:.6f}", f"{lr:.3e}",

@@ -60,3 +60,9 @@ def summary_line(report, dist) -> None:
         return
     print(json.dumps({"iterations": report.iteration, "loss": report.loss,
                       "val_dice": report.val_dice, "val_mean": report.val_mean}))
+
+
+def print_rank_hash(report, dist) -> None:
+    """Under torchrun every rank prints a hash of its final weights (they must all agree)."""
+    if dist.enabled and report is not None and report.weights_hash:
+        print(f"rank {dist.rank} weights {report.weights_hash}", flush=True)
