@@ -1,0 +1,88 @@
+"""npe2 reader: NIfTI files and DICOM series folders → Image layers in RAS millimetres.
+
+The layer's ``affine`` is the volume's index → RAS mm matrix, so napari places the data exactly
+where the scanner put it (oblique volumes included). A 4D (multi-modal) file opens as ONE layer,
+modality first, which is what multi-modal domains take. The full geometry (affine, NIfTI header,
+source path) is kept in ``layer.metadata["u2net"]`` for the writer and the domain selector.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from training.volume import Volume, is_nifti, read_image
+
+from ._geometry import META_KEY, volume_layer_affine
+
+
+def _looks_like_dicom_folder(path: Path) -> bool:
+    """A folder with a ``.dcm`` file or a file carrying the DICOM magic (``DICM`` at byte 128)."""
+    for i, f in enumerate(path.iterdir()):
+        if i > 200:
+            break
+        if not f.is_file():
+            continue
+        if f.suffix.lower() == ".dcm":
+            return True
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(128)
+                if fh.read(4) == b"DICM":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def napari_get_reader(path):
+    """Return :func:`read_volume` for a .nii/.nii.gz file or a DICOM folder, else ``None``."""
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    p = Path(path)
+    if p.is_dir():
+        return read_volume if _looks_like_dicom_folder(p) else None
+    return read_volume if is_nifti(p) else None
+
+
+def layer_name(path: str | Path) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def volume_layer_data(volume: Volume, name: str, **kwargs) -> tuple:
+    """A napari LayerData tuple for a volume: 3D layer, or 4D modality-first layer."""
+    data = volume.data[0] if volume.channels == 1 else volume.data
+    meta = {
+        "affine": volume.affine.copy(),
+        "header": volume.header,
+        "source": volume.source,
+        "shape": tuple(int(s) for s in volume.shape),
+        "channels": int(volume.channels),
+        "spacing": [float(s) for s in volume.spacing],
+        "info": dict(volume.meta),
+    }
+    attrs = {
+        "name": name,
+        "affine": volume_layer_affine(volume.affine, volume.channels),
+        "metadata": {META_KEY: meta},
+        "units": "mm",
+        **kwargs,
+    }
+    if volume.channels > 1:
+        attrs["axis_labels"] = ("modality", "d0", "d1", "d2")
+    return (data, attrs, "image")
+
+
+def read_volume(path) -> list[tuple]:
+    """Read one NIfTI file or DICOM folder (errors are U2NetError with a reason)."""
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    volume = read_image(path)
+    return [volume_layer_data(volume, layer_name(path))]

@@ -1,0 +1,101 @@
+"""Sample data: a synthetic CT-like case and the MNI152 T1, each with its ground truth layer.
+
+Both come with their true geometry (the image layer's affine is the volume's index → RAS mm
+matrix) and a Labels layer on the same grid, so a segmentation can be compared with the truth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from training.errors import InputError
+
+from ._geometry import META_KEY, to_napari_affine
+from ._reader import volume_layer_data
+
+SYNTHETIC_SEED = 20240  # fixed: the sample is the same volume every time
+CT_DOMAIN_HINTS = ("ct",)
+
+
+def _labels_layer(labels: np.ndarray, volume, name: str, class_names=None, colors=None) -> tuple:
+    attrs = {
+        "name": name,
+        "affine": to_napari_affine(volume.affine),
+        "units": "mm",
+        "opacity": 0.4,
+        "visible": True,
+        "metadata": {
+            META_KEY: {
+                "affine": np.asarray(volume.affine).copy(),
+                "header": volume.header,
+                "source": volume.source,
+                "shape": tuple(int(s) for s in labels.shape),
+                "classes": list(class_names) if class_names else None,
+            }
+        },
+    }
+    if class_names:
+        import pandas as pd
+
+        attrs["features"] = pd.DataFrame({"index": np.arange(len(class_names)), "class": list(class_names)})
+    if colors:
+        from napari.utils.colormaps import DirectLabelColormap
+
+        cmap = {None: "transparent", 0: "transparent"}
+        cmap.update({i: c for i, c in enumerate(colors) if i})
+        attrs["colormap"] = DirectLabelColormap(color_dict=cmap)
+    return (np.asarray(labels), attrs, "labels")
+
+
+def synthetic_domain() -> str:
+    """The synthetic domain the sample shows: the first CT-like one."""
+    from training.synth import list_domains
+
+    names = [getattr(d, "name", d) for d in list_domains()]
+    for name in names:
+        if any(h in str(name).lower() for h in CT_DOMAIN_HINTS):
+            return str(name)
+    return str(names[0])
+
+
+def _domain_classes(domain: str):
+    """(class names, colours) of a synthetic domain, if the generator describes them."""
+    from training import synth
+
+    for getter in ("domain_spec", "get_domain"):
+        fn = getattr(synth, getter, None)
+        if fn is not None:
+            spec = fn(domain)
+            names = getattr(spec, "class_names", None) or getattr(spec, "classes", None)
+            if names:
+                names = [getattr(c, "name", c) for c in names]
+                if names[0] != "background":
+                    names = ["background", *names]
+                colors = getattr(spec, "colors", None)
+                return list(names), list(colors) if colors else None
+    return None, None
+
+
+def synthetic_ct() -> list[tuple]:
+    """A synthetic CT-like volume (fixed seed) and its ground truth labels."""
+    from training.synth import generate_case
+
+    domain = synthetic_domain()
+    volume, labels = generate_case(domain, SYNTHETIC_SEED)
+    names, colors = _domain_classes(domain)
+    image = volume_layer_data(volume, f"synthetic {domain}", colormap="gray")
+    image[1]["metadata"][META_KEY]["domain"] = domain
+    truth = _labels_layer(labels, volume, f"synthetic {domain} ground truth", names, colors)
+    return [image, truth]
+
+
+def mni152_t1() -> list[tuple]:
+    """The MNI152 T1 template (2 mm) and its grey/white matter labels (needs nilearn)."""
+    from training.mni152 import CLASS_COLORS, CLASS_NAMES, load_mni152, mni152_available
+
+    if not mni152_available():
+        raise InputError("the MNI152 sample needs nilearn: pip install nilearn (or napari-u2net[nilearn])")
+    volume, labels = load_mni152(resolution_mm=2.0)
+    image = volume_layer_data(volume, "MNI152 T1", colormap="gray")
+    truth = _labels_layer(labels, volume, "MNI152 tissue ground truth", CLASS_NAMES, CLASS_COLORS)
+    return [image, truth]

@@ -1,0 +1,478 @@
+"""The domain selector dock widget: wires the layout to napari layers and the engine's jobs.
+
+Every slow step (importing torch, downloading or loading a model, segmenting) runs in a napari
+thread worker; the GUI thread only reads layers, starts jobs and turns their reports into the
+progress bar and their results into Labels layers. Errors become napari notifications that say
+what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QVBoxLayout, QWidget
+
+from training.errors import InputError
+
+from . import _engine
+from ._geometry import META_KEY, layer_case, result_geometry
+from ._widget_gui import DomainSelectorGui
+
+log = logging.getLogger(__name__)
+PREVIOUS_SUFFIX = " (previous)"
+# Jobs return failures (see _engine.guarded) instead of raising; start them once wired up.
+_NO_AUTOSTART = {"_start_thread": False, "_ignore_errors": True}
+
+
+def labels_hash(data: np.ndarray) -> str:
+    """Fingerprint of a label array, to tell an untouched result from a hand-corrected one."""
+    arr = np.ascontiguousarray(data)
+    return hashlib.blake2b(memoryview(arr).cast("B"), digest_size=16).hexdigest() + str(arr.shape)
+
+
+def label_colormap(meta):
+    """napari colormap with each class's colour (background transparent)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors = {None: "transparent", 0: "transparent"}
+    for value, cls in enumerate(meta.classes):
+        if value:
+            colors[value] = cls.color
+    return DirectLabelColormap(color_dict=colors)
+
+
+def class_features(meta):
+    import pandas as pd
+
+    return pd.DataFrame({"index": np.arange(meta.num_classes), "class": meta.class_names})
+
+
+class DomainSelectorWidget(QWidget):
+    """Segment an image layer with one or several domains of a U²-Net model.
+
+    ``predict_fn`` replaces :func:`training.inference.predict` (same signature), for tests and
+    benchmarks; the default is the real inference.
+    """
+
+    def __init__(self, napari_viewer, predict_fn: Callable | None = None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.predict_fn = predict_fn
+        self.gui = DomainSelectorGui(self)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.gui)
+
+        self.model = None  # training.modelfile.Model once loaded
+        self.model_dir: Path | None = None
+        self.worker = None  # the segmentation worker while it runs
+        self.model_worker = None
+        self.cancel_event: threading.Event | None = None
+        self._pbar = None
+        self._choices: list[_engine.ModelChoice] = []
+        self._pending_domains: list[str] | None = None
+
+        g = self.gui
+        g.run_button.clicked.connect(self.run)
+        g.cancel_button.clicked.connect(self.cancel)
+        g.folder_button.clicked.connect(self._choose_folder)
+        g.model_combo.currentIndexChanged.connect(self._on_model_choice)
+        g.image_combo.currentIndexChanged.connect(lambda _i: self._update_run_enabled())
+        g.domain_list.itemChanged.connect(lambda _item: self._update_run_enabled())
+
+        events = self.viewer.layers.events
+        events.inserted.connect(self._on_layers_changed)
+        events.removed.connect(self._on_layers_changed)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._refresh_images)
+        self._refresh_images()
+        self._probe_devices()
+        self._fill_model_choices()
+
+    # -- layers ----------------------------------------------------------------------------------
+    def _image_layers(self) -> list:
+        from napari.layers import Image
+
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _on_layers_changed(self, event=None) -> None:
+        if event is not None and getattr(event, "type", "") == "inserted":
+            event.value.events.name.connect(self._refresh_images)
+        self._refresh_images()
+
+    def _refresh_images(self, event=None) -> None:
+        combo = self.gui.image_combo
+        current = combo.currentText()
+        combo.blockSignals(True)
+        combo.clear()
+        names = [layer.name for layer in self._image_layers()]
+        combo.addItems(names)
+        if current in names:
+            combo.setCurrentText(current)
+        elif names:
+            combo.setCurrentIndex(len(names) - 1)
+        combo.blockSignals(False)
+        self._update_run_enabled()
+
+    def image_layer(self):
+        name = self.gui.image_combo.currentText()
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    # -- devices ---------------------------------------------------------------------------------
+    def _probe_devices(self) -> None:
+        """Grey out devices this machine lacks (torch is imported in a worker, not at startup)."""
+        from napari.qt.threading import create_worker
+
+        combo = self.gui.device_combo
+        for i in range(2, combo.count()):
+            combo.model().item(i).setEnabled(False)
+        worker = create_worker(_engine.guarded_call, _engine.available_devices, _connect={"returned": self._set_devices}, **_NO_AUTOSTART)
+        worker.start()
+        self._device_worker = worker
+
+    def _set_devices(self, available) -> None:
+        if isinstance(available, _engine.Failure):  # no torch?: leave CPU/auto only
+            log.warning("device probe failed: %s", available.error)
+            return
+        combo = self.gui.device_combo
+        for i in range(combo.count()):
+            key = combo.itemData(i)
+            combo.model().item(i).setEnabled(bool(available.get(key, False)))
+
+    # -- models ------------------------------------------------------------------------------------
+    def _fill_model_choices(self) -> None:
+        """List the model sources in a worker (a registry may live behind a slow URL)."""
+        from napari.qt.threading import create_worker
+
+        self.gui.model_info.setText("Looking for models…")
+        worker = create_worker(_engine.guarded_call, _engine.model_choices, _connect={"returned": self._set_model_choices}, **_NO_AUTOSTART)
+        self._choices_worker = worker
+        worker.start()
+
+    def _set_model_choices(self, choices) -> None:
+        if isinstance(choices, _engine.Failure):
+            log.error("listing models failed", exc_info=choices.error)
+            self._notify("warning", f"could not list the models ({choices.error}); a local model folder still works")
+            choices = []
+        combo = self.gui.model_combo
+        index = combo.currentIndex()
+        current = self._choices[index] if 0 <= index < len(self._choices) else None
+        local = [c for c in self._choices if c.kind == "local"]  # folders picked meanwhile stay
+        self._choices = list(choices) + local
+        combo.blockSignals(True)
+        combo.clear()
+        for c in self._choices:
+            combo.addItem(c.label)
+            combo.setItemData(combo.count() - 1, c.description or c.label, Qt.ToolTipRole)
+        if current is not None and current in self._choices:  # keep what the user already chose
+            combo.setCurrentIndex(self._choices.index(current))
+            combo.blockSignals(False)
+            return
+        combo.blockSignals(False)
+        first = next((i for i, c in enumerate(self._choices) if c.available), None)
+        if first is None:
+            self.gui.model_info.setText(
+                "No bundled model in this installation: pick a registry model or a local model folder (Folder…)."
+            )
+            self._notify(
+                "warning", "the bundled model is missing from this installation; choose a registry model "
+                "or a local model folder"
+            )
+            return
+        combo.setCurrentIndex(first)
+        self._on_model_choice(first)
+
+    def _choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a U²-Net model folder")
+        if folder:
+            self.set_model_dir(folder)
+
+    def set_model_dir(self, folder: str | Path, domains: list[str] | None = None) -> None:
+        """Use a model directory from disk (a picked folder, or a freshly fine-tuned model)."""
+        folder = Path(folder)
+        choice = _engine.ModelChoice(f"Folder: {folder.name}", "local", str(folder), True, str(folder), folder)
+        combo = self.gui.model_combo
+        for i, c in enumerate(self._choices):
+            if c.kind == "local" and Path(c.spec) == folder:
+                self._pending_domains = domains
+                if combo.currentIndex() == i:
+                    self._on_model_choice(i)
+                else:
+                    combo.setCurrentIndex(i)
+                return
+        self._choices.append(choice)
+        combo.addItem(choice.label)
+        combo.setItemData(combo.count() - 1, str(folder), Qt.ToolTipRole)
+        self._pending_domains = domains
+        combo.setCurrentIndex(combo.count() - 1)
+
+    def reload_model(self, check: list[str] | None = None) -> None:
+        """Reload the current model (e.g. after an adapter was added) and tick ``check``."""
+        self._pending_domains = check
+        self._on_model_choice(self.gui.model_combo.currentIndex())
+
+    def _on_model_choice(self, index: int) -> None:
+        if index < 0 or index >= len(self._choices):
+            return
+        choice = self._choices[index]
+        self.model = None
+        self.gui.domain_list.clear()
+        self._update_run_enabled()
+        if not choice.available:
+            self.gui.model_info.setText(
+                "The bundled model is not installed: pick a registry model or a local model folder."
+            )
+            self._notify("warning", "the bundled model is missing from this installation; choose another model")
+            return
+        from napari.qt.threading import create_worker
+
+        self.gui.model_info.setText("Downloading…" if choice.kind == "registry" else "Loading…")
+        worker = create_worker(
+            _engine.guarded,
+            _engine.load_model_job,
+            choice,
+            _connect={"yielded": self._on_download_progress, "returned": lambda r, c=choice: self._on_model_job(c, r)},
+            **_NO_AUTOSTART,
+        )
+        self.model_worker = worker
+        worker.start()
+
+    def _on_download_progress(self, report: tuple[int, int]) -> None:
+        done, total = report
+        bar = self.gui.progress_bar
+        if total:
+            bar.setValue(int(1000 * done / total))
+            bar.setFormat(f"downloading {done / 1e6:.1f} / {total / 1e6:.1f} MB")
+        else:
+            bar.setFormat(f"downloading {done / 1e6:.1f} MB")
+
+    def _on_model_job(self, choice, result) -> None:
+        index = self.gui.model_combo.currentIndex()
+        if not (0 <= index < len(self._choices)) or self._choices[index] is not choice:
+            return  # the user picked another model while this one loaded
+        if isinstance(result, _engine.Failure):
+            self._on_model_error(result.error)
+        else:
+            self._on_model_loaded(choice, *result)
+
+    def _on_model_loaded(self, choice, model_dir: Path, model) -> None:
+        self.model, self.model_dir = model, Path(model_dir)
+        if choice.kind == "registry":  # now in the cache: no download next time
+            choice.kind, choice.path = "cached", self.model_dir
+        self.gui.progress_bar.setValue(0)
+        self.gui.progress_bar.setFormat("idle")
+        arch = model.trunk.arch
+        self.gui.model_info.setText(
+            f"{len(model.adapters)} domain(s) · trunk {arch.base_channels}→{arch.max_channels} ch, "
+            f"{arch.levels} levels · {self.model_dir}"
+        )
+        self._fill_domains(self._pending_domains)
+        self._pending_domains = None
+
+    def _on_model_error(self, error: BaseException) -> None:
+        self.gui.progress_bar.setValue(0)
+        self.gui.progress_bar.setFormat("idle")
+        level, text = _engine.user_message(error)
+        self.gui.model_info.setText(f"Cannot use this model: {text}")
+        self._notify(level, f"cannot use this model: {text}")
+
+    def _fill_domains(self, check: list[str] | None = None) -> None:
+        lst = self.gui.domain_list
+        lst.blockSignals(True)
+        lst.clear()
+        for i, (name, meta) in enumerate(self.model.adapters.items()):
+            classes = ", ".join(meta.class_names[1:]) or "—"
+            mods = ", ".join(meta.modalities)
+            item = QListWidgetItem(f"{name}  ·  {meta.modality}, {meta.in_channels} input(s)\n    {classes}")
+            item.setData(Qt.UserRole, name)
+            item.setToolTip(f"{meta.description or name}\nmodalities: {mods}\nclasses: {classes}")
+            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+            ticked = (name in check) if check else i == 0
+            item.setCheckState(Qt.Checked if ticked else Qt.Unchecked)
+            lst.addItem(item)
+        lst.blockSignals(False)
+        self._update_run_enabled()
+
+    def checked_domains(self) -> list[str]:
+        lst = self.gui.domain_list
+        return [
+            lst.item(i).data(Qt.UserRole) for i in range(lst.count()) if lst.item(i).checkState() == Qt.Checked
+        ]
+
+    def set_checked_domains(self, names: list[str]) -> None:
+        lst = self.gui.domain_list
+        for i in range(lst.count()):
+            item = lst.item(i)
+            item.setCheckState(Qt.Checked if item.data(Qt.UserRole) in names else Qt.Unchecked)
+
+    def _update_run_enabled(self) -> None:
+        if self.worker is None:
+            self.gui.run_button.setEnabled(True)  # Run explains what is missing when clicked
+
+    # -- running -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Check the inputs and start the segmentation worker (errors become notifications)."""
+        if self.worker is not None:
+            return
+        try:
+            request, image = self._make_request()
+        except InputError as e:
+            self._notify("error", str(e))
+            return
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        self.cancel_event = threading.Event()
+        worker = create_worker(
+            _engine.guarded,
+            _engine.run_segmentation,
+            request,
+            self.cancel_event,
+            predict_fn=self.predict_fn,
+            _connect={
+                "yielded": self._on_report,
+                "returned": lambda result, img=image, req=request: self._on_run_returned(img, req, result),
+                "finished": self._on_run_finished,
+            },
+            **_NO_AUTOSTART,
+        )
+        self.worker = worker
+        self.gui.set_running(True)
+        self.gui.progress_bar.setValue(0)
+        self.gui.progress_bar.setFormat("starting…")
+        self.gui.status_label.setText(f"Segmenting {image.name!r}: {', '.join(request.domains)}")
+        self._pbar = progress(total=1000, desc=f"U²-Net: {image.name}")
+        worker.start()
+
+    def _make_request(self):
+        image = self.image_layer()
+        if image is None:
+            raise InputError(
+                "no image layer to segment: open a NIfTI file or DICOM folder (File ▸ Open), "
+                "or a sample (File ▸ Open Sample ▸ U²-Net 3D segmentation)"
+            )
+        if self.model is None:
+            raise InputError("no model is loaded yet: wait for it to load, or pick another model source")
+        domains = self.checked_domains()
+        if not domains:
+            raise InputError("tick at least one domain in the list")
+        case = layer_case(image)
+        _engine.check_case(case.data.shape[0], image.name, [self.model.meta(d) for d in domains])
+        request = _engine.RunRequest(
+            model=self.model,
+            data=case.data,
+            affine=case.affine,
+            domains=domains,
+            device=self.gui.device_combo.currentData(),
+            overlap=float(self.gui.overlap_spin.value()),
+            postprocess=self.gui.postprocess_check.isChecked(),
+            header=case.header,
+            source=case.source,
+        )
+        return request, image
+
+    def cancel(self) -> None:
+        """Ask the running job to stop; it ends within one tile batch and adds nothing."""
+        if self.cancel_event is not None:
+            self.cancel_event.set()
+            self.gui.progress_bar.setFormat("cancelling…")
+            self.gui.cancel_button.setEnabled(False)
+
+    def _on_report(self, report: _engine.RunReport) -> None:
+        value = int(round(1000 * report.fraction))
+        self.gui.progress_bar.setValue(value)
+        if report.total:
+            self.gui.progress_bar.setFormat(f"{report.domain} {report.stage} {report.done}/{report.total}")
+        else:
+            self.gui.progress_bar.setFormat(report.stage or "working…")
+        if self._pbar is not None and value > self._pbar.n:
+            self._pbar.update(value - self._pbar.n)
+
+    def _on_run_returned(self, image, request, result) -> None:
+        if isinstance(result, _engine.Failure):
+            self._on_run_error(result.error)
+        elif image not in self.viewer.layers:
+            self._notify("warning", f"the image layer {image.name!r} was closed during the run; nothing added")
+        else:
+            self._add_results(image, request, result)
+
+    def _on_run_error(self, error: BaseException) -> None:
+        level, text = _engine.user_message(error)
+        if level == "error" and not isinstance(error, (InputError,)):
+            log.error("segmentation failed", exc_info=error)
+        self.gui.status_label.setText(text)
+        self._notify(level, text)
+
+    def _on_run_finished(self) -> None:
+        self.worker = None
+        self.cancel_event = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.gui.set_running(False)
+        self.gui.progress_bar.setValue(0)
+        self.gui.progress_bar.setFormat("idle")
+
+    # -- results ------------------------------------------------------------------------------------
+    def _add_results(self, image, request: _engine.RunRequest, results: dict[str, np.ndarray]) -> None:
+        added = []
+        for domain, labels in results.items():
+            added.append(self._add_result(image, request, domain, labels, self.model.meta(domain)).name)
+        self.gui.status_label.setText("Added " + ", ".join(repr(n) for n in added))
+
+    def _add_result(self, image, request, domain: str, labels: np.ndarray, meta):
+        """Add one domain's Labels layer; an old result is replaced only if nobody edited it."""
+        name = f"{image.name} {domain}"
+        index = len(self.viewer.layers)
+        if name in self.viewer.layers:
+            old = self.viewer.layers[name]
+            index = self.viewer.layers.index(old)
+            old_meta = old.metadata.get(META_KEY, {}) if isinstance(old.metadata, dict) else {}
+            if old_meta.get("result_hash") == labels_hash(old.data):
+                self.viewer.layers.remove(old)
+            else:
+                old.name = name + PREVIOUS_SUFFIX
+                old.visible = False
+                index += 1
+                self._notify(
+                    "info", f"kept the edited layer {name!r} as {old.name!r} (hidden); the new result replaces it"
+                )
+        labels = np.asarray(labels)
+        src_meta = image.metadata.get(META_KEY, {}) if isinstance(image.metadata, dict) else {}
+        metadata = {
+            META_KEY: {
+                "domain": domain,
+                "classes": meta.class_names,
+                "image": image.name,
+                "model": str(self.model_dir) if self.model_dir else "",
+                "affine": np.asarray(request.affine).copy(),
+                "header": src_meta.get("header"),
+                "source": src_meta.get("source", ""),
+                "shape": tuple(labels.shape),
+                "result_hash": labels_hash(labels),
+            }
+        }
+        from napari.layers import Labels
+
+        layer = Labels(
+            labels,
+            name=name,
+            colormap=label_colormap(meta),
+            features=class_features(meta),
+            metadata=metadata,
+            opacity=0.5,
+            **result_geometry(image),
+        )
+        self.viewer.layers.insert(index, layer)
+        return layer
+
+    # -- messages -----------------------------------------------------------------------------------
+    def _notify(self, level: str, text: str) -> None:
+        {"error": show_error, "warning": show_warning}.get(level, show_info)(text)

@@ -1,0 +1,104 @@
+"""Layout of the domain selector: widgets only, no behaviour (that is in ``_widget.py``)."""
+
+from __future__ import annotations
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
+
+DEVICE_LABELS = {"auto": "auto (best available)", "cpu": "CPU", "cuda": "CUDA GPU", "mps": "Apple MPS"}
+
+
+class DomainSelectorGui(QWidget):
+    """The controls of the domain selector, laid out top to bottom in the order they are used."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(6, 6, 6, 6)
+
+        form = QFormLayout()
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("The 3D image layer to segment (a 4D layer = several modalities)")
+        form.addRow("Image", self.image_combo)
+
+        model_row = QHBoxLayout()
+        self.model_combo = QComboBox()
+        self.model_combo.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.model_combo.setToolTip("Bundled model, a registry model (downloaded once), or a local folder")
+        self.folder_button = QPushButton("Folder…")
+        self.folder_button.setToolTip("Use a model directory on disk (trunk.safetensors + adapters/)")
+        model_row.addWidget(self.model_combo)
+        model_row.addWidget(self.folder_button)
+        form.addRow("Model", model_row)
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        self.model_info.setStyleSheet("color: gray")
+        form.addRow("", self.model_info)
+        outer.addLayout(form)
+
+        domains_box = QGroupBox("Domains (one result layer each)")
+        domains_layout = QVBoxLayout(domains_box)
+        self.domain_list = QListWidget()
+        self.domain_list.setSelectionMode(QAbstractItemView.NoSelection)
+        self.domain_list.setWordWrap(True)
+        self.domain_list.setMinimumHeight(120)
+        domains_layout.addWidget(self.domain_list)
+        outer.addWidget(domains_box, stretch=1)
+
+        options = QFormLayout()
+        self.device_combo = QComboBox()
+        for key, label in DEVICE_LABELS.items():
+            self.device_combo.addItem(label, key)
+        self.device_combo.setToolTip("Devices this machine does not have are greyed out")
+        options.addRow("Device", self.device_combo)
+        self.overlap_spin = QDoubleSpinBox()
+        self.overlap_spin.setRange(0.0, 0.9)
+        self.overlap_spin.setSingleStep(0.05)
+        self.overlap_spin.setValue(0.5)
+        self.overlap_spin.setToolTip("Fraction by which neighbouring tiles overlap (more = smoother, slower)")
+        options.addRow("Tile overlap", self.overlap_spin)
+        self.postprocess_check = QCheckBox("keep the largest component per class")
+        self.postprocess_check.setChecked(True)
+        options.addRow("Clean-up", self.postprocess_check)
+        outer.addLayout(options)
+
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        outer.addLayout(buttons)
+
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setTextVisible(True)
+        self.progress_bar.setFormat("idle")
+        outer.addWidget(self.progress_bar)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        self.status_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        outer.addWidget(self.status_label)
+
+    def set_running(self, running: bool) -> None:
+        """Lock the inputs while a job runs; only Cancel stays live."""
+        for w in (self.image_combo, self.model_combo, self.folder_button, self.domain_list,
+                  self.device_combo, self.overlap_spin, self.postprocess_check, self.run_button):
+            w.setEnabled(not running)
+        self.cancel_button.setEnabled(running)

@@ -1,0 +1,256 @@
+"""Domain selector in a real napari viewer (under Xvfb): results, geometry, cancel, bad input.
+
+Most tests drive the widget with a stand-in ``predict`` (same signature as the real one) so
+the result is known and the run can be slowed down to cancel it; the end-to-end test with the
+real inference and a trained model is in ``test_plugin_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from training.errors import Cancelled  # noqa: E402
+
+from napari_u2net import _widget  # noqa: E402
+from napari_u2net._widget import DomainSelectorWidget  # noqa: E402
+
+pytestmark = pytest.mark.qt
+
+OBLIQUE = np.array(  # napari-side affine (world S, A, R): a slightly oblique, anisotropic grid
+    [[2.5, 0.0, 0.0, -7.5], [0.0, 1.96, -0.21, 20.0], [0.0, 0.2, 1.9, -50.0], [0, 0, 0, 1.0]]
+)
+
+
+@dataclass
+class FakeProgress:
+    domain: str
+    done: int
+    total: int
+    stage: str = "tiles"
+
+
+class ThresholdPredict:
+    """Labels = 1 where the first channel is above its mean; ``delay`` seconds per fake tile."""
+
+    def __init__(self, tiles: int = 4, delay: float = 0.0, error: BaseException | None = None):
+        self.tiles, self.delay, self.error = tiles, delay, error
+        self.calls: list[dict] = []
+        self.started = threading.Event()
+
+    def __call__(self, model, volume, domains, config=None, progress=None, cancel=None):
+        self.calls.append({"affine": volume.affine.copy(), "shape": volume.data.shape, "domains": list(domains)})
+        self.started.set()
+        if self.error is not None:
+            raise self.error
+        out = {}
+        for d in domains:
+            for t in range(self.tiles):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled")
+                time.sleep(self.delay)
+                if progress:
+                    progress(FakeProgress(d, t + 1, self.tiles))
+            img = volume.data[0]
+            out[d] = (img > img.mean()).astype(np.uint8)
+        return out
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    """Notifications the widget shows, as (level, text)."""
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(_widget, "show_error", lambda m: seen.append(("error", m)))
+    monkeypatch.setattr(_widget, "show_warning", lambda m: seen.append(("warning", m)))
+    monkeypatch.setattr(_widget, "show_info", lambda m: seen.append(("info", m)))
+    return seen
+
+
+def make_widget(viewer, qtbot, model_dir, predict):
+    widget = DomainSelectorWidget(viewer, predict_fn=predict)
+    viewer.window.add_dock_widget(widget)
+    widget.set_model_dir(model_dir)
+    qtbot.waitUntil(lambda: widget.model is not None and widget.gui.domain_list.count() == 2, timeout=30000)
+    return widget
+
+
+def run_and_wait(widget, qtbot, timeout=30000):
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+
+
+def blob_image(shape=(12, 16, 20)):
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    return (z**2 + y**2 + x**2 < 0.5).astype(np.float32) * 100 + 10
+
+
+def test_run_adds_labels_with_exact_geometry_classes_and_colours(make_napari_viewer, qtbot, model_dir, messages):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(
+        blob_image(), name="scan", affine=OBLIQUE, scale=(1.5, 1, 0.5), translate=(3, -2, 1), rotate=10
+    )
+    predict = ThresholdPredict()
+    widget = make_widget(viewer, qtbot, model_dir, predict)
+    widget.set_checked_domains(["ct"])
+    run_and_wait(widget, qtbot)
+    assert not [m for m in messages if m[0] == "error"], messages
+    labels = viewer.layers["scan ct"]
+    np.testing.assert_array_equal(labels.data, blob_image() > blob_image().mean())
+    # The result sits exactly where the image is: same full data→world transform and parts.
+    np.testing.assert_allclose(labels._data_to_world.affine_matrix, image._data_to_world.affine_matrix, atol=1e-12)
+    np.testing.assert_array_equal(labels.affine.affine_matrix, image.affine.affine_matrix)
+    np.testing.assert_array_equal(labels.scale, image.scale)
+    np.testing.assert_array_equal(labels.translate, image.translate)
+    np.testing.assert_allclose(labels.rotate, image.rotate)
+    # The engine saw the composed transform, in RAS order, as the volume's affine.
+    ras = image._data_to_world.affine_matrix[[2, 1, 0, 3]]
+    np.testing.assert_allclose(predict.calls[0]["affine"], ras, atol=1e-12)
+    assert list(labels.features["class"]) == ["background", "class1"]
+    meta = widget.model.meta("ct")
+    np.testing.assert_allclose(labels.colormap.map(np.array([1]))[0][:3], _rgb(meta.classes[1].color), atol=1e-6)
+    assert labels.colormap.map(np.array([0]))[0][3] == 0  # background transparent
+
+
+def _rgb(hex_color: str):
+    h = hex_color.lstrip("#")
+    return [int(h[i : i + 2], 16) / 255 for i in (0, 2, 4)]
+
+
+def test_several_domains_give_one_layer_each(make_napari_viewer, qtbot, model_dir, messages):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([blob_image(), blob_image() * 2]), name="mr")  # 4D: 2 modalities
+    widget = make_widget(viewer, qtbot, model_dir, ThresholdPredict())
+    widget.set_checked_domains(["mr2"])
+    run_and_wait(widget, qtbot)
+    assert "mr mr2" in viewer.layers and viewer.layers["mr mr2"].data.shape == blob_image().shape
+    assert not messages
+
+
+def test_cancel_mid_run_adds_no_layer(make_napari_viewer, qtbot, model_dir, messages):
+    viewer = make_napari_viewer()
+    viewer.add_image(blob_image(), name="scan")
+    predict = ThresholdPredict(tiles=200, delay=0.02)
+    widget = make_widget(viewer, qtbot, model_dir, predict)
+    n_layers = len(viewer.layers)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.gui.progress_bar.value() > 0, timeout=10000)
+    assert widget.gui.cancel_button.isEnabled() and not widget.gui.run_button.isEnabled()
+    t0 = time.perf_counter()
+    widget.gui.cancel_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10000)
+    assert time.perf_counter() - t0 < 2.0
+    assert len(viewer.layers) == n_layers
+    assert messages and messages[-1][0] == "info" and "cancel" in messages[-1][1]
+    assert widget.gui.run_button.isEnabled()
+
+
+def test_rerun_replaces_untouched_result_and_keeps_edited_one(make_napari_viewer, qtbot, model_dir, messages):
+    viewer = make_napari_viewer()
+    viewer.add_image(blob_image(), name="scan")
+    widget = make_widget(viewer, qtbot, model_dir, ThresholdPredict())
+    run_and_wait(widget, qtbot)
+    first = viewer.layers["scan ct"]
+    run_and_wait(widget, qtbot)  # untouched: replaced, no copy kept
+    assert [layer.name for layer in viewer.layers if layer.name.startswith("scan ct")] == ["scan ct"]
+    assert viewer.layers["scan ct"] is not first
+    edited = viewer.layers["scan ct"]
+    data = edited.data.copy()
+    data[0, 0, :5] = 1  # a hand correction
+    edited.data = data
+    run_and_wait(widget, qtbot)
+    kept = viewer.layers["scan ct (previous)"]
+    assert kept is edited and not kept.visible
+    np.testing.assert_array_equal(kept.data, data)
+    assert viewer.layers["scan ct"].visible
+    assert any("kept the edited layer" in m[1] for m in messages)
+
+
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        ("none", "no image layer"),
+        ("rgb", "RGB"),
+        ("2d", "2D image"),
+        ("4d-for-ct", "takes one"),
+        ("3d-for-mr2", "needs 2 modalities"),
+        ("no-domain", "tick at least one domain"),
+    ],
+)
+def test_bad_input_gives_a_notification_and_no_run(make_napari_viewer, qtbot, model_dir, messages, setup, expected):
+    viewer = make_napari_viewer()
+    predict = ThresholdPredict()
+    if setup == "rgb":
+        viewer.add_image(np.zeros((8, 8, 8, 3), np.uint8), rgb=True, name="photo")
+    elif setup == "2d":
+        viewer.add_image(np.zeros((16, 16), np.float32), name="slice")
+    elif setup == "4d-for-ct":
+        viewer.add_image(np.zeros((2, 8, 8, 8), np.float32), name="series")
+    elif setup in ("3d-for-mr2", "no-domain"):
+        viewer.add_image(np.zeros((8, 8, 8), np.float32), name="scan")
+    widget = make_widget(viewer, qtbot, model_dir, predict)
+    widget.set_checked_domains({"3d-for-mr2": ["mr2"], "no-domain": []}.get(setup, ["ct"]))
+    n_layers = len(viewer.layers)
+    widget.run()
+    assert widget.worker is None and not predict.calls
+    assert len(viewer.layers) == n_layers
+    assert messages and messages[-1][0] == "error" and expected in messages[-1][1], messages
+
+
+def test_out_of_memory_is_a_notification(make_napari_viewer, qtbot, model_dir, messages):
+    import torch
+
+    viewer = make_napari_viewer()
+    viewer.add_image(blob_image(), name="scan")
+    widget = make_widget(viewer, qtbot, model_dir, ThresholdPredict(error=torch.OutOfMemoryError("CUDA out of memory")))
+    run_and_wait(widget, qtbot)
+    assert messages[-1][0] == "error" and "out of memory" in messages[-1][1] and "CPU" in messages[-1][1]
+    assert "scan ct" not in viewer.layers and widget.gui.run_button.isEnabled()
+
+
+def test_model_adapter_mismatch_is_a_notification(make_napari_viewer, qtbot, model_dir, tmp_path, messages):
+    """An adapter from another trunk (ModelFileError) is reported, and the widget stays usable."""
+    import shutil
+
+    from tests.conftest import adapter_meta, small_net
+    from training.modelfile import adapter_path, save_model
+
+    other = small_net(seed=1)
+    save_model(tmp_path / "other", other, {"ct": adapter_meta(other, "ct")})
+    bad = tmp_path / "mixed"
+    shutil.copytree(model_dir, bad)
+    shutil.copy(adapter_path(tmp_path / "other", "ct"), adapter_path(bad, "ct"))
+    viewer = make_napari_viewer()
+    viewer.add_image(blob_image(), name="scan")
+    widget = make_widget(viewer, qtbot, model_dir, ThresholdPredict())
+    widget.set_model_dir(bad)
+    qtbot.waitUntil(lambda: any("another shared trunk" in m[1] for m in messages), timeout=30000)
+    assert widget.model is None and widget.gui.domain_list.count() == 0
+    widget.run()
+    assert "no model is loaded" in messages[-1][1]
+    widget.set_model_dir(model_dir)  # a good model again: usable
+    qtbot.waitUntil(lambda: widget.model is not None, timeout=30000)
+    run_and_wait(widget, qtbot)
+    assert "scan ct" in viewer.layers
+
+
+def test_missing_bundled_model_is_explained(make_napari_viewer, qtbot, monkeypatch, messages, tmp_path):
+    """Without a bundled model the widget says so and still offers the other sources."""
+    import training.resources
+
+    monkeypatch.setattr(training.resources, "bundled_model_dir", lambda: tmp_path / "absent")
+    import training.registry
+
+    monkeypatch.setattr(training.registry, "bundled_model_dir", lambda: tmp_path / "absent", raising=False)
+    viewer = make_napari_viewer()
+    widget = DomainSelectorWidget(viewer, predict_fn=ThresholdPredict())
+    qtbot.waitUntil(lambda: widget.gui.model_combo.count() > 0, timeout=30000)
+    assert "missing" in widget.gui.model_combo.itemText(0)
+    qtbot.waitUntil(lambda: "bundled model" in widget.gui.model_info.text(), timeout=10000)
+    assert widget.gui.folder_button.isEnabled()
+    assert any(m[0] == "warning" and "bundled model" in m[1] for m in messages)
