@@ -17,7 +17,9 @@ from training.volume import read_image, write_labels, write_nifti
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    return synth.write_dataset(tmp_path_factory.mktemp("ds") / "hippo", "hippocampus-mr", 5, 0, size_scale=0.3)
+    return synth.write_dataset(
+        tmp_path_factory.mktemp("ds") / "hippo", "hippocampus-mr", 5, 0, size_scale=0.3
+    )
 
 
 @pytest.fixture
@@ -120,7 +122,7 @@ def test_split_written_once_and_reused(ds_dir):
     assert set(train) | set(val) == ids and not set(train) & set(val) and len(val) == 1
     text = (ds_dir / SPLIT_FILE).read_text()
     vals = [load_split(ds, fold=f, seed=99)[1] for f in range(5)]  # other seed: the file wins
-    assert sorted(sum(vals, [])) == sorted(ids)
+    assert sorted(v for fold in vals for v in fold) == sorted(ids)
     assert load_split(ds, seed=99) == (train, val)
     assert (ds_dir / SPLIT_FILE).read_text() == text
     assert "fold 7" in _error(load_split, ds, 5, 7)

@@ -9,7 +9,13 @@ import pytest
 
 from training import preprocess, synth
 from training.datasets import load_dataset
-from training.preprocess import PreprocessPlan, plan_dataset, preprocess_case, preprocess_dataset, suggest_patch_size
+from training.preprocess import (
+    PreprocessPlan,
+    plan_dataset,
+    preprocess_case,
+    preprocess_dataset,
+    suggest_patch_size,
+)
 from training.volume import Volume, read_image, write_nifti
 
 PLAN = PreprocessPlan(
@@ -127,7 +133,9 @@ def test_cache_reused_and_invalidated(ct_dir, monkeypatch):
     assert len(calls) == 2
     second = preprocess_dataset(ds, plan)
     assert len(calls) == 2  # all from the cache
-    assert all(np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label) for a, b in zip(first, second))
+    assert all(
+        np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label) for a, b in zip(first, second)
+    )
     assert second[0].properties == first[0].properties
 
     # a changed source file: only that case is recomputed

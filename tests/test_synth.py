@@ -42,7 +42,7 @@ def test_every_domain_generates_all_classes(domain):
 def test_same_seed_same_bytes_other_seed_differs():
     a, la = synth.generate_case("prostate-mr", 11, SMALL)
     b, lb = synth.generate_case("prostate-mr", 11, SMALL)
-    c, lc = synth.generate_case("prostate-mr", 12, SMALL)
+    c, _ = synth.generate_case("prostate-mr", 12, SMALL)
     assert a.data.tobytes() == b.data.tobytes() and la.tobytes() == lb.tobytes()
     assert np.array_equal(a.affine, b.affine)
     assert a.data.shape != c.data.shape or not np.array_equal(a.data, c.data)
@@ -86,8 +86,20 @@ def test_cli_list_prints_only_names(capsys):
 
 def test_cli_writes_loadable_multimodal_dataset(tmp_path, capsys):
     out = tmp_path / "prostate"
-    args = ["synth", str(out), "--domain", "prostate-mr", "--cases", "2", "--test-cases", "1",
-            "--seed", "4", "--size-scale", str(SMALL)]
+    args = [
+        "synth",
+        str(out),
+        "--domain",
+        "prostate-mr",
+        "--cases",
+        "2",
+        "--test-cases",
+        "1",
+        "--seed",
+        "4",
+        "--size-scale",
+        str(SMALL),
+    ]
     assert main(args) == 0
     doc = json.loads((out / "dataset.json").read_text())
     assert doc["modality"] == {"0": "T2", "1": "ADC"} and doc["numTraining"] == 2 and doc["numTest"] == 1
@@ -99,7 +111,7 @@ def test_cli_writes_loadable_multimodal_dataset(tmp_path, capsys):
     lab = nib.load(str(ds.training[0].label))
     assert lab.shape == img.shape[:3] and np.allclose(lab.affine, img.affine)
     # same seed → same data as generate_case
-    vol, labels = synth.generate_case("prostate-mr", synth.case_seed(4, 0), SMALL)
+    _, labels = synth.generate_case("prostate-mr", synth.case_seed(4, 0), SMALL)
     assert np.array_equal(np.asarray(lab.dataobj), labels.transpose(2, 1, 0))
 
     capsys.readouterr()
@@ -121,7 +133,7 @@ def _best_window_dice(img: np.ndarray, mask: np.ndarray) -> float:
     qs = np.percentile(img[mask], np.linspace(0, 100, 11))
     best = 0.0
     for i, lo in enumerate(qs):
-        for hi in qs[i + 1:]:
+        for hi in qs[i + 1 :]:
             pred = (img >= lo) & (img <= hi)
             best = max(best, 2 * (pred & mask).sum() / (pred.sum() + mask.sum()))
     return best

@@ -87,7 +87,9 @@ def _read_json(root: Path) -> dict:
     if not root.is_dir():
         raise DatasetError(f"{root}: no such dataset folder")
     if not js.is_file():
-        raise DatasetError(f"{js}: missing; an MSD dataset folder needs a dataset.json (see u2net synth for an example)")
+        raise DatasetError(
+            f"{js}: missing; an MSD dataset folder needs a dataset.json (see u2net synth for an example)"
+        )
     try:
         doc = json.loads(js.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -100,7 +102,7 @@ def _read_json(root: Path) -> dict:
 def _indexed(mapping, what: str, js: Path) -> list[str]:
     """{"0": "a", "1": "b"} (MSD) or {"a": 0, "b": 1} (nnU-Net v2) → ["a", "b"]."""
     if not isinstance(mapping, dict) or not mapping:
-        raise DatasetError(f"{js}: '{what}' must be a non-empty object like {{\"0\": \"...\"}}")
+        raise DatasetError(f'{js}: \'{what}\' must be a non-empty object like {{"0": "..."}}')
     try:
         if all(isinstance(v, str) for v in mapping.values()):
             pairs = {int(k): str(v) for k, v in mapping.items()}
@@ -136,7 +138,10 @@ def _scan_v2(root: Path, n_mod: int) -> list[dict]:
     """Training list of an nnU-Net v2 dataset (no ``training`` key)."""
     labels = sorted((root / "labelsTr").glob("*.nii*"))
     return [
-        {"image": [f"./imagesTr/{case_id(p)}_{i:04d}.nii.gz" for i in range(n_mod)], "label": f"./labelsTr/{p.name}"}
+        {
+            "image": [f"./imagesTr/{case_id(p)}_{i:04d}.nii.gz" for i in range(n_mod)],
+            "label": f"./labelsTr/{p.name}",
+        }
         for p in labels
     ]
 
@@ -152,14 +157,16 @@ def load_dataset(root, domain: str | None = None, check_geometry: bool = True) -
     mod_map = doc.get("modality", doc.get("channel_names"))
     modalities = _indexed(mod_map, "modality", js) if mod_map is not None else ["image"]
     if "labels" not in doc:
-        raise DatasetError(f"{js}: no 'labels'; add e.g. \"labels\": {{\"0\": \"background\", \"1\": \"organ\"}}")
+        raise DatasetError(f'{js}: no \'labels\'; add e.g. "labels": {{"0": "background", "1": "organ"}}')
     class_names = _indexed(doc["labels"], "labels", js)
     if len(class_names) < 2:
         raise DatasetError(f"{js}: 'labels' needs background and at least one class")
     extra = doc.get("u2net") if isinstance(doc.get("u2net"), dict) else {}
-    modality = str(extra.get("modality") or ("CT" if any(m.upper() == "CT" for m in modalities) else "MR")).upper()
+    modality = str(
+        extra.get("modality") or ("CT" if any(m.upper() == "CT" for m in modalities) else "MR")
+    ).upper()
     if modality not in ("CT", "MR"):
-        raise DatasetError(f"{js}: u2net.modality must be \"CT\" or \"MR\", got {modality!r}")
+        raise DatasetError(f'{js}: u2net.modality must be "CT" or "MR", got {modality!r}')
     colors = extra.get("colors")
     if colors is not None and (not isinstance(colors, list) or len(colors) < len(class_names)):
         raise DatasetError(f"{js}: u2net.colors must list one colour per label ({len(class_names)})")
@@ -169,7 +176,7 @@ def load_dataset(root, domain: str | None = None, check_geometry: bool = True) -
     if entries is None:
         entries = _scan_v2(root, len(modalities))
     if not isinstance(entries, list):
-        raise DatasetError(f"{js}: 'training' must be a list of {{\"image\": ..., \"label\": ...}}")
+        raise DatasetError(f'{js}: \'training\' must be a list of {{"image": ..., "label": ...}}')
     training, seen = [], set()
     for e in entries:
         if not isinstance(e, dict) or "image" not in e:
@@ -187,7 +194,9 @@ def load_dataset(root, domain: str | None = None, check_geometry: bool = True) -
     for e in doc.get("test") or []:
         ref = e.get("image") if isinstance(e, dict) else e
         images = _image_files(root, ref, len(modalities), js)
-        test.append(Case(case_id(images[0]).removesuffix("_0000") if len(images) > 1 else case_id(images[0]), images))
+        test.append(
+            Case(case_id(images[0]).removesuffix("_0000") if len(images) > 1 else case_id(images[0]), images)
+        )
     if not training:
         raise DatasetError(f"{js}: no training cases listed (and none found in labelsTr/)")
 
@@ -199,9 +208,16 @@ def load_dataset(root, domain: str | None = None, check_geometry: bool = True) -
         if check_geometry:
             _check_case(case, len(modalities))
     return MSDDataset(
-        root=root, name=name, modalities=modalities, modality=modality, class_names=class_names,
-        colors=[str(c) for c in colors] if colors else None, training=training, test=test,
-        domain=domain_name(domain or name), description=str(doc.get("description", "")),
+        root=root,
+        name=name,
+        modalities=modalities,
+        modality=modality,
+        class_names=class_names,
+        colors=[str(c) for c in colors] if colors else None,
+        training=training,
+        test=test,
+        domain=domain_name(domain or name),
+        description=str(doc.get("description", "")),
     )
 
 
@@ -213,7 +229,7 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
         raise DatasetError(f"{path}: dataset files must be NIfTI (.nii or .nii.gz)")
     try:
         img = nib.load(str(path))
-    except Exception as e:  # nibabel raises many types for corrupt headers
+    except Exception as e:  # noqa: BLE001 - nibabel raises many types for corrupt headers
         raise DatasetError(f"{path}: cannot read this NIfTI file ({e})") from None
     shape = tuple(int(s) for s in img.shape)
     while len(shape) > 3 and shape[-1] == 1:
@@ -265,7 +281,9 @@ def make_splits(ids: list[str], n_folds: int = 5, seed: int = 0) -> list[dict]:
     return [{"train": sorted(set(ids) - set(f)), "val": f} for f in folds]
 
 
-def load_split(dataset: MSDDataset, n_folds: int = 5, fold: int = 0, seed: int = 0) -> tuple[list[str], list[str]]:
+def load_split(
+    dataset: MSDDataset, n_folds: int = 5, fold: int = 0, seed: int = 0
+) -> tuple[list[str], list[str]]:
     """Train and validation case ids of ``fold``.
 
     The folds are written once to ``ROOT/splits_final.json`` (nnU-Net's format: a list of
@@ -279,7 +297,9 @@ def load_split(dataset: MSDDataset, n_folds: int = 5, fold: int = 0, seed: int =
     if path.exists():
         try:
             splits = json.loads(path.read_text())
-            ok = isinstance(splits, list) and all(isinstance(s, dict) and "train" in s and "val" in s for s in splits)
+            ok = isinstance(splits, list) and all(
+                isinstance(s, dict) and "train" in s and "val" in s for s in splits
+            )
         except ValueError:
             ok = False
         if not ok or not splits:

@@ -55,7 +55,9 @@ def random_smooth_displacement(
     smooth_vox = max(float(smoothness_mm), 1e-3) / spacing
     step = np.maximum(1.0, smooth_vox / 2.0)  # control points per smoothing length: ~2
     coarse = tuple(int(np.ceil((n - 1) / s)) + 4 for n, s in zip(shape, step))
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) / s + 1.5 for n, s in zip(shape, step)], indexing="ij")
+    grids = np.meshgrid(
+        *[np.arange(n, dtype=np.float32) / s + 1.5 for n, s in zip(shape, step)], indexing="ij"
+    )
     out = np.empty((3, *shape), dtype=np.float32)
     for axis in range(3):
         noise = rng.standard_normal(coarse)
@@ -104,7 +106,9 @@ def sampling_field(shape, matrix=None, displacement=None, center=None) -> np.nda
     return grid.astype(np.float32, copy=False)
 
 
-def warp(array: np.ndarray, field: np.ndarray, order: int, mode: str = "nearest", cval: float = 0.0) -> np.ndarray:
+def warp(
+    array: np.ndarray, field: np.ndarray, order: int, mode: str = "nearest", cval: float = 0.0
+) -> np.ndarray:
     """Sample ``array`` (3D, or 4D channel-first) at ``field`` (see :func:`sampling_field`).
 
     ``order`` 1 for images (linear), 0 for labels (nearest, so no new label values appear).

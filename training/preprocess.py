@@ -30,9 +30,9 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class PreprocessPlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessPlan":
+    def from_dict(cls, d: dict) -> PreprocessPlan:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 
@@ -142,8 +142,15 @@ def plan_dataset(dataset: MSDDataset, cases: list[Case] | None = None, cache_dir
         raise DatasetError(f"{dataset.root}: no training cases to plan preprocessing from")
     cache = _cache_root(dataset, cache_dir)
     sig = hashlib.sha1(
-        json.dumps([dataset.modalities, dataset.modality, dataset.class_names, PREPROCESS_VERSION,
-                    [[c.id, _sources(c)] for c in cases]]).encode()
+        json.dumps(
+            [
+                dataset.modalities,
+                dataset.modality,
+                dataset.class_names,
+                PREPROCESS_VERSION,
+                [[c.id, _sources(c)] for c in cases],
+            ]
+        ).encode()
     ).hexdigest()[:16]
     plan_file = cache / f"plan-{sig}.json" if cache else None
     if plan_file is not None and plan_file.exists():
@@ -170,7 +177,11 @@ def plan_dataset(dataset: MSDDataset, cases: list[Case] | None = None, cache_dir
             if not mask.any():
                 mask = np.ones_like(mask)
             idx = np.flatnonzero(mask)
-            take = idx if len(idx) <= FG_SAMPLES_PER_CASE else rng.choice(idx, FG_SAMPLES_PER_CASE, replace=False)
+            take = (
+                idx
+                if len(idx) <= FG_SAMPLES_PER_CASE
+                else rng.choice(idx, FG_SAMPLES_PER_CASE, replace=False)
+            )
             for c in range(n_mod):
                 if is_ct[c]:
                     fg[c].append(vol.data[c].ravel()[take].astype(np.float64))
@@ -184,8 +195,14 @@ def plan_dataset(dataset: MSDDataset, cases: list[Case] | None = None, cache_dir
             values = np.concatenate(fg[c])
             lo, hi = np.percentile(values, [0.5, 99.5])
             clipped = np.clip(values, lo, hi)
-            specs.append({"scheme": "ct", "clip": [float(lo), float(hi)],
-                          "mean": float(clipped.mean()), "std": float(max(clipped.std(), 1e-3))})
+            specs.append(
+                {
+                    "scheme": "ct",
+                    "clip": [float(lo), float(hi)],
+                    "mean": float(clipped.mean()),
+                    "std": float(max(clipped.std(), 1e-3)),
+                }
+            )
         else:
             specs.append({"scheme": "zscore", "nonzero": nonzero})
     plan = PreprocessPlan(
@@ -216,7 +233,9 @@ def nonzero_box(data: np.ndarray) -> list[tuple[int, int]]:
     return box
 
 
-def preprocess_case(volume: Volume, label: np.ndarray | None, plan: PreprocessPlan, case_id: str = "") -> PreprocessedCase:
+def preprocess_case(
+    volume: Volume, label: np.ndarray | None, plan: PreprocessPlan, case_id: str = ""
+) -> PreprocessedCase:
     """Reorient, resample, normalise and crop one case (see the module docstring)."""
     if volume.channels != len(plan.normalization):
         raise DatasetError(
@@ -224,7 +243,9 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, plan: PreprocessPl
             f"{len(plan.normalization)} modalities"
         )
     if label is not None and tuple(label.shape) != volume.shape:
-        raise DatasetError(f"{volume.source or case_id}: label shape {label.shape} differs from image {volume.shape}")
+        raise DatasetError(
+            f"{volume.source or case_id}: label shape {label.shape} differs from image {volume.shape}"
+        )
     o = canonical_orientation(volume.affine)
     affine_c = reorient_affine(volume.affine, volume.shape, o)
     data_c = reorient_array(volume.data, o)
@@ -266,7 +287,9 @@ def _cache_root(dataset: MSDDataset, cache_dir) -> Path | None:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        warnings.warn(f"cannot create the preprocessing cache {root} ({e}); preprocessing without a cache", stacklevel=3)
+        warnings.warn(
+            f"cannot create the preprocessing cache {root} ({e}); preprocessing without a cache", stacklevel=3
+        )
         return None
     return root
 
@@ -301,7 +324,12 @@ def _load_cached(path: Path, sources: list) -> PreprocessedCase | None:
 def _save_cached(path: Path, case: PreprocessedCase, sources: list) -> None:
     import io
 
-    meta = {"id": case.id, "sources": sources, "has_label": case.label is not None, "properties": case.properties}
+    meta = {
+        "id": case.id,
+        "sources": sources,
+        "has_label": case.label is not None,
+        "properties": case.properties,
+    }
     buf = io.BytesIO()
     arrays = {"image": case.image, "meta": np.array(json.dumps(meta))}
     if case.label is not None:

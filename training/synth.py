@@ -35,9 +35,9 @@ import re
 import shutil
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -70,46 +70,74 @@ SYNTH_DOMAINS: dict[str, SynthDomainInfo] = {
     d.name: d
     for d in [
         SynthDomainInfo(
-            "liver-ct", "CT", ("CT",), ("background", "liver", "tumour"),
+            "liver-ct",
+            "CT",
+            ("CT",),
+            ("background", "liver", "tumour"),
             ("#000000", "#d2691e", "#ffe119"),
             "Abdominal CT (HU), liver with 1-3 hypodense tumours; spleen, kidneys, stomach, bowel unlabelled",
-            _CT_SHAPE, _CT_SPACING,
+            _CT_SHAPE,
+            _CT_SPACING,
         ),
         SynthDomainInfo(
-            "spleen-ct", "CT", ("CT",), ("background", "spleen"),
+            "spleen-ct",
+            "CT",
+            ("CT",),
+            ("background", "spleen"),
             ("#000000", "#911eb4"),
             "Abdominal CT (HU), spleen only 5-15 HU darker than the (unlabelled) liver",
-            _CT_SHAPE, _CT_SPACING,
+            _CT_SHAPE,
+            _CT_SPACING,
         ),
         SynthDomainInfo(
-            "kidney-ct", "CT", ("CT",), ("background", "kidney", "tumour"),
+            "kidney-ct",
+            "CT",
+            ("CT",),
+            ("background", "kidney", "tumour"),
             ("#000000", "#3cb44b", "#e6194b"),
             "Abdominal CT (HU), both kidneys (cortex + medulla) and one renal tumour, often exophytic",
-            _CT_SHAPE, _CT_SPACING,
+            _CT_SHAPE,
+            _CT_SPACING,
         ),
         SynthDomainInfo(
-            "pancreas-ct", "CT", ("CT",), ("background", "pancreas", "tumour"),
+            "pancreas-ct",
+            "CT",
+            ("CT",),
+            ("background", "pancreas", "tumour"),
             ("#000000", "#f58231", "#4363d8"),
             "Abdominal CT (HU), lobulated pancreas (head to tail) with one hypodense tumour",
-            _CT_SHAPE, _CT_SPACING,
+            _CT_SHAPE,
+            _CT_SPACING,
         ),
         SynthDomainInfo(
-            "prostate-mr", "MR", ("T2", "ADC"), ("background", "PZ", "TZ"),
+            "prostate-mr",
+            "MR",
+            ("T2", "ADC"),
+            ("background", "PZ", "TZ"),
             ("#000000", "#46f0f0", "#f032e6"),
             "Pelvic MR, T2 (coil bias field) + ADC (lower resolution); peripheral and transition zones",
-            (24, 96, 96), ((3.0, 4.0), (1.3, 1.6)),
+            (24, 96, 96),
+            ((3.0, 4.0), (1.3, 1.6)),
         ),
         SynthDomainInfo(
-            "hippocampus-mr", "MR", ("T1",), ("background", "anterior", "posterior"),
+            "hippocampus-mr",
+            "MR",
+            ("T1",),
+            ("background", "anterior", "posterior"),
             ("#000000", "#e6194b", "#4363d8"),
             "T1 MR crop around one hippocampus (left or right), head/body split; amygdala unlabelled",
-            (36, 48, 40), ((1.0, 1.0), (1.0, 1.0)),
+            (36, 48, 40),
+            ((1.0, 1.0), (1.0, 1.0)),
         ),
         SynthDomainInfo(
-            "heart-mr", "MR", ("MRI",), ("background", "left-atrium"),
+            "heart-mr",
+            "MR",
+            ("MRI",),
+            ("background", "left-atrium"),
             ("#000000", "#e6194b"),
             "Bright-blood cardiac MR; left atrium with pulmonary veins among the other blood pools",
-            (48, 80, 80), ((2.4, 2.8), (2.4, 2.8)),
+            (48, 80, 80),
+            ((2.4, 2.8), (2.4, 2.8)),
         ),
     ]
 }
@@ -165,7 +193,9 @@ def _ellipsoid(P, center, radii, rot=None) -> np.ndarray:
 
 def _cylinder(P, center_xy, radii_xy) -> np.ndarray:
     """Infinite cylinder along z (the body axis)."""
-    return np.sqrt(((P[0] - center_xy[0]) / radii_xy[0]) ** 2 + ((P[1] - center_xy[1]) / radii_xy[1]) ** 2) - 1.0
+    return (
+        np.sqrt(((P[0] - center_xy[0]) / radii_xy[0]) ** 2 + ((P[1] - center_xy[1]) / radii_xy[1]) ** 2) - 1.0
+    )
 
 
 def _tube(P, points, radii) -> np.ndarray:
@@ -265,7 +295,7 @@ class _Canvas:
 # -- CT abdomen -------------------------------------------------------------------------------------
 def _ct_abdomen(g: _Grid, rng: np.random.Generator, labels: dict[str, int], tumour_in: str | None) -> _Canvas:
     P = g.P
-    X, Y, Z = P
+    Z = P[2]
     cv = _Canvas(P, rng, [-1000.0])
     u = rng.uniform
     liver_hu = u(55, 68)
@@ -319,7 +349,9 @@ def _ct_abdomen(g: _Grid, rng: np.random.Generator, labels: dict[str, int], tumo
 
     # stomach: wall, fluid below an air-fluid level, gas above
     sc = np.array([u(-65, -40), u(30, 55), u(30, 55)])
-    stomach = cv.blob(_ellipsoid(P, sc, (u(35, 50), u(28, 38), u(35, 50)), _rot([0, 0, u(-20, 20)])), 0.08, 40)
+    stomach = cv.blob(
+        _ellipsoid(P, sc, (u(35, 50), u(28, 38), u(35, 50)), _rot([0, 0, u(-20, 20)])), 0.08, 40
+    )
     cv.paint((stomach < 0.12) & inside, 40, texture=5)
     lumen = (stomach < 0) & inside
     cv.paint(lumen, u(0, 20), texture=5)
@@ -328,7 +360,9 @@ def _ct_abdomen(g: _Grid, rng: np.random.Generator, labels: dict[str, int], tumo
     # liver: union of a right lobe and a left lobe, gallbladder at its inferior margin
     lc = np.array([u(45, 65), u(-10, 10), u(20, 40)])
     right = _ellipsoid(P, lc, (u(65, 80), u(70, 85), u(60, 75)), _rot([u(-10, 10), u(-10, 10), u(-15, 15)]))
-    left = _ellipsoid(P, lc + [-u(65, 85), u(30, 45), u(5, 20)], (u(40, 55), u(25, 35), u(28, 38)), _rot([0, 0, u(-20, 20)]))
+    left = _ellipsoid(
+        P, lc + [-u(65, 85), u(30, 45), u(5, 20)], (u(40, 55), u(25, 35), u(28, 38)), _rot([0, 0, u(-20, 20)])
+    )
     liver = cv.blob(np.minimum(right, left), 0.05, 60) < 0
     liver &= inside & (Z < dome)
     cv.paint(liver, liver_hu, labels.get("liver", 0), texture=6)
@@ -336,12 +370,17 @@ def _ct_abdomen(g: _Grid, rng: np.random.Generator, labels: dict[str, int], tumo
         a = lc + rng.normal(0, 20, 3)
         v = _tube(P, _curve(rng, a, a + rng.normal(0, 35, 3), 8, 5), u(2.5, 5)) < 0
         cv.paint(v & liver, liver_hu + u(60, 100), labels.get("liver", 0))
-    gb = _ellipsoid(P, lc + [u(0, 15), u(40, 55), -u(40, 55)], (u(12, 18), u(20, 32), u(12, 18)), _rot([u(-30, 30), 0, 0]))
+    gb = _ellipsoid(
+        P, lc + [u(0, 15), u(40, 55), -u(40, 55)], (u(12, 18), u(20, 32), u(12, 18)), _rot([u(-30, 30), 0, 0])
+    )
     cv.paint((gb < 0) & inside, u(0, 20), texture=3)
 
     # spleen: left, posterior, upper; 5–15 HU darker than the liver
     spc = np.array([-(ax - fat_mm - mus_mm) + u(28, 40), u(-45, -25), u(25, 55)])
-    spleen = cv.blob(_ellipsoid(P, spc, (u(20, 28), u(45, 60), u(38, 52)), _rot([0, 0, u(-40, -20)])), 0.07, 45) < 0
+    spleen = (
+        cv.blob(_ellipsoid(P, spc, (u(20, 28), u(45, 60), u(38, 52)), _rot([0, 0, u(-40, -20)])), 0.07, 45)
+        < 0
+    )
     cv.paint(spleen & inside, liver_hu - u(5, 15), labels.get("spleen", 0), texture=6)
 
     # kidneys: cortex, medulla, sinus fat; the right one lower (under the liver)
@@ -361,7 +400,9 @@ def _ct_abdomen(g: _Grid, rng: np.random.Generator, labels: dict[str, int], tumo
     head = np.array([u(20, 35), ys + u(45, 60), u(-20, -5)])
     tail = np.array([spc[0] + u(10, 20), spc[1] + u(20, 35), spc[2] - u(15, 30)])
     pts = _curve(rng, head, tail, 10, 10)
-    pts[len(pts) // 2 - 1: len(pts) // 2 + 1, 1] = np.maximum(pts[len(pts) // 2 - 1: len(pts) // 2 + 1, 1], ys + 50)
+    pts[len(pts) // 2 - 1 : len(pts) // 2 + 1, 1] = np.maximum(
+        pts[len(pts) // 2 - 1 : len(pts) // 2 + 1, 1], ys + 50
+    )
     radii = np.linspace(u(12, 16), u(7, 10), len(pts))
     cv.paint((_tube(P, pts + [0, -14, 0], 4) < 0) & inside, aorta_hu - 30)
     pancreas = cv.blob(_tube(P, pts, radii), 0.18, 12) < 0
@@ -374,23 +415,43 @@ def _ct_abdomen(g: _Grid, rng: np.random.Generator, labels: dict[str, int], tumo
     organs = {"liver": liver, "kidney": None, "pancreas": pancreas}
     if tumour_in == "liver":
         for k in range(int(rng.integers(1, 4))):
-            _tumour(cv, liver, u(7, 22) if k else u(14, 24), liver_hu - u(25, 45), labels["tumour"], 10, inside=liver)
+            _tumour(
+                cv,
+                liver,
+                u(7, 22) if k else u(14, 24),
+                liver_hu - u(25, 45),
+                labels["tumour"],
+                10,
+                inside=liver,
+            )
     elif tumour_in == "kidney":
         kc, kl = kidneys[int(rng.integers(2))]
         shell = (kl < 0) & (kl > -0.25)  # tumours arise in the cortex and bulge out
         _tumour(cv, shell, u(12, 26), kidney_hu - u(40, 80), labels["tumour"], 20, inside=inside)
     elif tumour_in == "pancreas":
-        _tumour(cv, organs["pancreas"], u(10, 18), liver_hu - u(30, 45), labels["tumour"], 8, inside=inside & ~liver)
+        _tumour(
+            cv,
+            organs["pancreas"],
+            u(10, 18),
+            liver_hu - u(30, 45),
+            labels["tumour"],
+            8,
+            inside=inside & ~liver,
+        )
     return cv
 
 
-def _tumour(cv: _Canvas, host: np.ndarray, radius: float, hu: float, label: int, texture: float, inside) -> None:
+def _tumour(
+    cv: _Canvas, host: np.ndarray, radius: float, hu: float, label: int, texture: float, inside
+) -> None:
     rng = cv.rng
     idx = np.argwhere(host)
     if len(idx) == 0:
         return
     c = cv.P[(slice(None), *idx[int(rng.integers(len(idx)))])]
-    level = cv.blob(_ellipsoid(cv.P, c, radius * rng.uniform(0.8, 1.2, 3), _rot(rng.uniform(-45, 45, 3))), 0.1, 15)
+    level = cv.blob(
+        _ellipsoid(cv.P, c, radius * rng.uniform(0.8, 1.2, 3), _rot(rng.uniform(-45, 45, 3))), 0.1, 15
+    )
     cv.paint((level < 0) & inside, hu, label, texture=texture)
 
 
@@ -421,19 +482,29 @@ def _to_int16(img: np.ndarray) -> np.ndarray:
 
 def _prostate(g: _Grid, rng, labels) -> tuple[np.ndarray, np.ndarray]:
     P = g.P
-    X, Y, Z = P
+    Y = P[1]
     u = rng.uniform
     # channels: (T2 relative, ADC in µm²/s)
     cv = _Canvas(P, rng, [0.85, 250.0], channels=2)  # pelvic fat
     for side in (-1, 1):  # obturator internus, levator ani
-        cv.paint(_ellipsoid(P, (side * u(48, 58), u(-5, 5), 0), (14, 40, 60)) < 0, [0.3, 1400], texture=[0.04, 80])
-        cv.paint(_ellipsoid(P, (side * 22, -22, -15), (8, 20, 25), _rot([0, 0, side * 30])) < 0, [0.3, 1400], texture=[0.04, 80])
+        cv.paint(
+            _ellipsoid(P, (side * u(48, 58), u(-5, 5), 0), (14, 40, 60)) < 0, [0.3, 1400], texture=[0.04, 80]
+        )
+        cv.paint(
+            _ellipsoid(P, (side * 22, -22, -15), (8, 20, 25), _rot([0, 0, side * 30])) < 0,
+            [0.3, 1400],
+            texture=[0.04, 80],
+        )
     # pubic bone anteriorly: marrow and cortex
     pub = _ellipsoid(P, (0, u(38, 48), u(-5, 10)), (40, 12, 25))
     cv.paint(pub < 0.1, [0.05, 300])
     cv.paint(pub < 0, [0.55, 450], texture=[0.08, 60])
     # bladder above, rectum behind
-    cv.paint(cv.blob(_ellipsoid(P, (0, u(5, 15), u(38, 48)), (u(30, 40), u(25, 35), u(22, 30))), 0.06, 40) < 0, [1.0, 2900], texture=[0.02, 80])
+    cv.paint(
+        cv.blob(_ellipsoid(P, (0, u(5, 15), u(38, 48)), (u(30, 40), u(25, 35), u(22, 30))), 0.06, 40) < 0,
+        [1.0, 2900],
+        texture=[0.02, 80],
+    )
     rect = _tube(P, _curve(rng, (0, u(-32, -26), -60), (0, u(-32, -24), 60), 6, 6), u(13, 17))
     cv.paint(rect < 0, [0.28, 1200], texture=[0.05, 100])
     cv.paint(rect < -0.45, [0.06, 300], texture=[0.02, 50])
@@ -451,13 +522,20 @@ def _prostate(g: _Grid, rng, labels) -> tuple[np.ndarray, np.ndarray]:
     cv.paint(tz, [u(0.4, 0.5), u(1000, 1250)], labels["TZ"], texture=[0.1, 120])
     for _ in range(int(rng.integers(2, 6))):  # nodules
         c = tz_c + rng.normal(0, 5, 3)
-        cv.paint(tz & (_ellipsoid(P, c, u(3, 7, 3)) < 0), [u(0.3, 0.65), u(900, 1300)], labels["TZ"], texture=[0.05, 50])
+        cv.paint(
+            tz & (_ellipsoid(P, c, u(3, 7, 3)) < 0),
+            [u(0.3, 0.65), u(900, 1300)],
+            labels["TZ"],
+            texture=[0.05, 50],
+        )
     if rng.random() < 0.5:  # a lesion: dark on T2 and ADC, still peripheral zone anatomically
         idx = np.argwhere(pz)
         if len(idx):
             c = P[(slice(None), *idx[int(rng.integers(len(idx)))])]
             cv.paint(pz & (_ellipsoid(P, c, u(3, 7, 3)) < 0), [0.35, 800], labels["PZ"])
-    ur = _tube(P, [gr @ np.array([0, 0.15 * r[1], -1.2 * r[2]]), gr @ np.array([0, 0.15 * r[1], 1.2 * r[2]])], 2.0)
+    ur = _tube(
+        P, [gr @ np.array([0, 0.15 * r[1], -1.2 * r[2]]), gr @ np.array([0, 0.15 * r[1], 1.2 * r[2]])], 2.0
+    )
     cv.paint(gland & (ur < 0), [0.6, 1500], labels["TZ"])
 
     t2 = ndimage.gaussian_filter(cv.img[0], (0.4, 0.6, 0.6))
@@ -471,7 +549,6 @@ def _prostate(g: _Grid, rng, labels) -> tuple[np.ndarray, np.ndarray]:
 
 def _hippocampus(g: _Grid, rng, labels) -> tuple[np.ndarray, np.ndarray]:
     P = g.P
-    X, Y, Z = P
     u = rng.uniform
     s = 1 if rng.random() < 0.5 else -1  # lateral direction (+x for a right hippocampus)
     wm, gm, csf = 0.85, u(0.5, 0.56), u(0.12, 0.2)
@@ -495,7 +572,10 @@ def _hippocampus(g: _Grid, rng, labels) -> tuple[np.ndarray, np.ndarray]:
     hippo = cv.blob(_tube(P, cl, rad), 0.08, 8) < 0
     split = int(np.clip(round(u(0.33, 0.42) * 11), 3, 5))
     n = np.array([0.0, np.cos(np.radians(u(-15, 15))), np.sin(np.radians(u(-15, 15)))])
-    front = np.einsum("i,i...->...", n.astype(np.float32), P - cl[split].astype(np.float32).reshape(3, 1, 1, 1)) > 0
+    front = (
+        np.einsum("i,i...->...", n.astype(np.float32), P - cl[split].astype(np.float32).reshape(3, 1, 1, 1))
+        > 0
+    )
     cv.paint(hippo & front, gm - 0.02, labels["anterior"], texture=0.03)
     cv.paint(hippo & ~front, gm - 0.02, labels["posterior"], texture=0.03)
 
@@ -507,7 +587,7 @@ def _hippocampus(g: _Grid, rng, labels) -> tuple[np.ndarray, np.ndarray]:
 
 def _heart(g: _Grid, rng, labels) -> tuple[np.ndarray, np.ndarray]:
     P = g.P
-    X, Y, Z = P
+    Y = P[1]
     u = rng.uniform
     blood, myo, wall = 1.0, 0.3, 0.35
     cv = _Canvas(P, rng, [0.7])  # mediastinal fat / chest wall
@@ -527,7 +607,9 @@ def _heart(g: _Grid, rng, labels) -> tuple[np.ndarray, np.ndarray]:
         return lvl
 
     chamber((u(5, 15), u(50, 60), -25), (u(28, 34), 20, 35), _rot([0, 0, 20]), 4, (myo, blood))  # RV
-    chamber((-u(25, 35), u(35, 45), -25), (25, 25, 40), _rot([u(20, 35), u(-30, -15), 0]), 10, (myo, blood))  # LV
+    chamber(
+        (-u(25, 35), u(35, 45), -25), (25, 25, 40), _rot([u(20, 35), u(-30, -15), 0]), 10, (myo, blood)
+    )  # LV
     chamber((u(35, 42), 10, -5), (24, 22, 28), None, 3, (wall, blood))  # RA
     pa = _tube(P, [(-10, 40, 10), (-15, 30, 35), (-30, 5, 40)], 12)
     cv.paint(pa < 0.25, wall)
@@ -545,8 +627,17 @@ def _heart(g: _Grid, rng, labels) -> tuple[np.ndarray, np.ndarray]:
             start = la_rot @ np.array([side * la_r[0] * 0.7, -la_r[1] * 0.3, dz * la_r[2] * 0.4])
             end = start + np.array([side * u(25, 35), -u(5, 15), dz * u(5, 15)])
             veins.append(_tube(P, _curve(rng, start, end, 3, 5), u(5, 7)))
-    appendage = _tube(P, _curve(rng, la_rot @ [-la_r[0] * 0.6, la_r[1] * 0.6, la_r[2] * 0.3],
-                                la_rot @ [-la_r[0] * 1.1, la_r[1] * 1.5, la_r[2] * 0.5], 3, 5), u(5, 7))
+    appendage = _tube(
+        P,
+        _curve(
+            rng,
+            la_rot @ [-la_r[0] * 0.6, la_r[1] * 0.6, la_r[2] * 0.3],
+            la_rot @ [-la_r[0] * 1.1, la_r[1] * 1.5, la_r[2] * 0.5],
+            3,
+            5,
+        ),
+        u(5, 7),
+    )
     lvl = np.minimum.reduce([la, appendage, *veins])
     cv.paint(lvl < 0.12, wall)
     cv.paint(lvl < 0, blood, labels["left-atrium"])
@@ -561,7 +652,7 @@ def _heart(g: _Grid, rng, labels) -> tuple[np.ndarray, np.ndarray]:
 # -- public API -------------------------------------------------------------------------------------
 def _render(info: SynthDomainInfo, rng: np.random.Generator, size_scale: float) -> tuple[Volume, np.ndarray]:
     domain = info.name
-    shape = tuple(max(8, int(round(n * size_scale))) for n in info.shape)
+    shape = tuple(max(8, round(n * size_scale)) for n in info.shape)
     (z0, z1), (p0, p1) = info.spacing
     base = np.array([rng.uniform(z0, z1), *([rng.uniform(p0, p1)] * 2)])
     spacing = base * np.array(info.shape) / np.array(shape)  # keep the field of view
@@ -595,10 +686,19 @@ def generate_case(domain: str, seed: int, size_scale: float = 1.0) -> tuple[Volu
     if not (0.05 <= size_scale <= 8):
         raise InputError(f"size scale {size_scale} is out of range; use a value between 0.05 and 8")
     for attempt in range(8):  # re-draw (deterministically) the rare case where a class is not visible
-        vol, lab = _render(info, np.random.default_rng([zlib.crc32(domain.encode()), int(seed), attempt]), size_scale)
+        vol, lab = _render(
+            info, np.random.default_rng([zlib.crc32(domain.encode()), int(seed), attempt]), size_scale
+        )
         if np.bincount(lab.ravel(), minlength=len(info.classes)).min() > 0:
             break
-    meta = {"synth": {"domain": domain, "seed": int(seed), "size_scale": float(size_scale), "version": SYNTH_VERSION}}
+    meta = {
+        "synth": {
+            "domain": domain,
+            "seed": int(seed),
+            "size_scale": float(size_scale),
+            "version": SYNTH_VERSION,
+        }
+    }
     vol.source, vol.meta = f"synth:{domain}:{seed}", meta
     return vol, lab
 
@@ -623,10 +723,15 @@ def _clear_previous(out: Path) -> None:
     for entry in out.iterdir():
         if entry.name in ("dataset.json", "splits_final.json", ".u2net_cache"):
             continue
-        if entry.name in ("imagesTr", "labelsTr", "imagesTs") and entry.is_dir():
-            if all(_CASE_FILE.match(f.name) for f in entry.iterdir()):
-                continue
-        raise DatasetError(f"{entry}: not part of a synthetic dataset; refusing to replace {out} even with --force")
+        if (
+            entry.name in ("imagesTr", "labelsTr", "imagesTs")
+            and entry.is_dir()
+            and all(_CASE_FILE.match(f.name) for f in entry.iterdir())
+        ):
+            continue
+        raise DatasetError(
+            f"{entry}: not part of a synthetic dataset; refusing to replace {out} even with --force"
+        )
     for name in ("imagesTr", "labelsTr", "imagesTs", ".u2net_cache"):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("dataset.json", "splits_final.json"):
@@ -694,7 +799,12 @@ def write_dataset(
         "u2net": {
             "modality": info.modality,
             "colors": list(info.colors),
-            "synth": {"domain": domain, "seed": int(seed), "size_scale": float(size_scale), "version": SYNTH_VERSION},
+            "synth": {
+                "domain": domain,
+                "seed": int(seed),
+                "size_scale": float(size_scale),
+                "version": SYNTH_VERSION,
+            },
         },
     }
     fd, tmp = tempfile.mkstemp(prefix=".dataset.json.", dir=out)

@@ -15,14 +15,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", help="synthetic domain (see --list)")
     p.add_argument("--cases", type=int, default=10, help="training cases with labels (default 10)")
     p.add_argument("--test-cases", type=int, default=0, help="extra unlabelled cases in imagesTs (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)"
+    )
     p.add_argument(
         "--size-scale",
         type=float,
         default=1.0,
         help="multiply voxel counts (and divide the spacing) by this; 0.5 = 8x fewer voxels (default 1)",
     )
-    p.add_argument("--force", action="store_true", help="replace a synthetic dataset previously written to OUT")
+    p.add_argument(
+        "--force", action="store_true", help="replace a synthetic dataset previously written to OUT"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,12 +47,23 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(done: int, _total: int) -> None:
         if not bars:
-            bars.append(tqdm(total=total, desc=f"synth {args.domain}", unit="case", file=sys.stderr, disable=total < 2))
+            bars.append(
+                tqdm(
+                    total=total, desc=f"synth {args.domain}", unit="case", file=sys.stderr, disable=total < 2
+                )
+            )
         bars[0].update(done - bars[0].n)
 
     try:
         out = write_dataset(
-            args.out, args.domain, args.cases, args.seed, args.test_cases, args.size_scale, progress, args.force
+            args.out,
+            args.domain,
+            args.cases,
+            args.seed,
+            args.test_cases,
+            args.size_scale,
+            progress,
+            args.force,
         )
     finally:
         for bar in bars:
