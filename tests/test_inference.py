@@ -345,7 +345,10 @@ def _bad_volumes():
     nan[0, 3, 3, 3] = np.nan
     inf = good.copy()
     inf[0, 1, 2, 3] = np.inf
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.5
     return {
+        "sheared grid": (Volume(good, sheared), "ct", "sheared"),
         "2D image": (Volume(good[:, :1], np.eye(4)), "ct", "2D"),
         "NaN voxel": (Volume(nan, np.eye(4)), "ct", "NaN"),
         "infinite voxel": (Volume(inf, np.eye(4)), "ct", "infinite"),

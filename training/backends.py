@@ -169,6 +169,7 @@ def compile_openvino(net: nn.Module, domain: str, in_channels: int, patch_size, 
     with torch.inference_mode(), warnings.catch_warnings():
         # Tracing fixes the shape checks to this patch and batch, which is what we want.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=DeprecationWarning)
         model = ov.convert_model(module, example_input=example, input=[example.shape])
     core = ov.Core()
     # f32 on purpose: CPUs with bf16 units would otherwise default to bf16 and drift from torch.

@@ -153,22 +153,30 @@ def predict(
         key = spacing if needs_resampling(affine_c, spacing) else None
         groups.setdefault(key, []).append(d)
 
+    if any(key is not None for key in groups):
+        _check_resamplable(volume)
+    grids = {
+        key: (affine_c, shape_c) if key is None else resampled_grid(affine_c, shape_c, key) for key in groups
+    }
+    totals = {
+        d: count_tiles(grids[key][1], model.meta(d).patch_size, config.overlap) for key, g in groups.items() for d in g
+    }
+
     results: dict[str, np.ndarray] = {}
     for spacing, group in groups.items():
         for d in group:
-            report(d, 0, 0, "preprocess")
+            report(d, 0, totals[d], "preprocess")
         check_cancel(cancel)
+        grid_affine, grid_shape = grids[spacing]
         if spacing is None:
-            grid_affine, grid_shape = affine_c, shape_c
             image = np.ascontiguousarray(data_c, dtype=np.float32)
         else:
-            grid_affine, grid_shape = resampled_grid(affine_c, shape_c, spacing)
             image = np.stack([resample(c, affine_c, grid_affine, grid_shape) for c in data_c])
         for d in group:
             meta = model.meta(d)
             check_cancel(cancel)
             x = torch.from_numpy(normalize(image, meta.normalization))
-            total = count_tiles(grid_shape, meta.patch_size, config.overlap)
+            total = totals[d]
             runner = make_runner(
                 model.net, d, config.backend, device, amp=config.amp,
                 patch_size=meta.patch_size, batch_size=batch,
@@ -200,6 +208,17 @@ def predict(
             report(d, total, total, "done")
         del image
     return {d: results[d] for d in domains}
+
+
+def _check_resamplable(volume: Volume) -> None:
+    """Resampling needs voxel axes that are perpendicular (no shear); say so before any work."""
+    m = volume.affine[:3, :3] / np.linalg.norm(volume.affine[:3, :3], axis=0)
+    if not np.allclose(m.T @ m, np.eye(3), atol=1e-4):
+        where = f"{volume.source}: " if volume.source else ""
+        raise InputError(
+            f"{where}the image affine is sheared (its voxel axes are not perpendicular), so it "
+            "cannot be resampled to the model's spacing; reslice it to a regular grid first"
+        )
 
 
 def _resampled_argmax(probs: np.ndarray, src_affine, dst_affine, dst_shape, dtype, cancel) -> np.ndarray:
