@@ -151,10 +151,19 @@ def iter_probability_slabs(
     label_dtype = np.uint8 if k <= 256 else np.uint16
     policy = OomPolicy(batch_size or default_batch_size(runner.device))
 
-    acc_device = runner.device
-    importance = gaussian_importance(patch, device=acc_device)
-    acc = torch.zeros((k, pz, yp, xp), dtype=torch.float32, device=acc_device)
-    weight = torch.zeros((pz, yp, xp), dtype=torch.float32, device=acc_device)
+    try:
+        acc_device = runner.device
+        importance = gaussian_importance(patch, device=acc_device)
+        acc = torch.zeros((k, pz, yp, xp), dtype=torch.float32, device=acc_device)
+        weight = torch.zeros((pz, yp, xp), dtype=torch.float32, device=acc_device)
+    except Exception as e:  # noqa: BLE001 - a GPU too full for the accumulator: keep it on the CPU
+        if not is_out_of_memory(e) or runner.device.type == "cpu":
+            raise
+        release_memory(runner.device)
+        acc_device = torch.device("cpu")
+        importance = gaussian_importance(patch, device=acc_device)
+        acc = torch.zeros((k, pz, yp, xp), dtype=torch.float32, device=acc_device)
+        weight = torch.zeros((pz, yp, xp), dtype=torch.float32, device=acc_device)
     (zlo, _), (ylo, _), (xlo, _) = pads
     z_end = zlo + shape[0]
     done = 0
