@@ -24,7 +24,7 @@ ARCH = ArchConfig(base_channels=4, levels=3)
 def base_model(tmp_path_factory):
     """A model trained a little on two ball domains."""
     out = tmp_path_factory.mktemp("base") / "model"
-    cfg = TrainConfig(iterations=80, lr=1e-2, device="cpu", checkpoint_every=0)
+    cfg = TrainConfig(iterations=50, lr=1e-2, device="cpu", checkpoint_every=0)
     consume(train_model([ball_domain("bright", 3, 0), ball_domain("bright2", 3, 0, seed=3)], out, cfg, ARCH))
     return out
 
@@ -51,7 +51,7 @@ def test_adapting_learns_a_new_domain_and_leaves_old_ones_bit_identical(base_mod
 
     # The new domain: dark balls (inverted contrast), taught from in-memory arrays.
     cases = [ball_case(200 + i, contrast=-2.0) for i in range(3)]
-    cfg = TrainConfig(iterations=100, lr=1e-2, device="cpu", patch_size=(24, 24, 24))
+    cfg = TrainConfig(iterations=100, lr=1e-2, device="cpu", patch_size=(16, 16, 16))
     reports = list(adapt_domain(base_model, "dark", cases, ["background", "ball"], "CT", config=cfg))
     assert reports[-1].iteration == 100
     assert np.mean([r.loss for r in reports[-10:]]) < 0.6 * np.mean([r.loss for r in reports[:10]])
@@ -95,7 +95,7 @@ def test_stopping_an_adaptation_writes_the_adapter_so_far(base_model, tmp_path):
     model_dir = tmp_path / "copy"
     shutil.copytree(base_model, model_dir)
     stop = threading.Event()
-    cfg = TrainConfig(iterations=50, lr=1e-2, device="cpu", patch_size=(24, 24, 24))
+    cfg = TrainConfig(iterations=50, lr=1e-2, device="cpu", patch_size=(16, 16, 16))
     seen = 0
     for r in adapt_domain(model_dir, "quick", [ball_case(5, contrast=-2.0)], ["background", "ball"],
                           "MR", init_from=None, config=cfg, stop=stop):
@@ -117,3 +117,33 @@ def test_closest_domain_prefers_modality_then_channels(model_dir):
     one_ct = AdapterMeta("y", ["CT"], make_classes(["bg", "a"]), modality="CT")
     assert closest_domain(model, two_mr) == "mr2"
     assert closest_domain(model, one_ct) == "ct"
+
+
+def test_cli_adapt_writes_only_the_adapter_and_resumes_exactly(base_model, tmp_path, capsys):
+    import json
+    import shutil
+
+    from tests.training_data import TINY_ARGS, small_synth_dataset
+
+    ds = small_synth_dataset(tmp_path / "hip", cases=2)
+    one, two = tmp_path / "one" / "model", tmp_path / "two" / "model"
+    shutil.copytree(base_model, one)
+    shutil.copytree(base_model, two)
+    before = _files(one)
+    common = ["--schedule", "constant", "--checkpoint-every", "3", "--from", "bright", *TINY_ARGS]
+    assert cli_main(["adapt", str(ds), "--model", str(one), "--iterations", "6", *common]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iterations"] == 6
+    assert cli_main(["adapt", str(ds), "--model", str(two), "--iterations", "3", *common]) == 0
+    assert cli_main(["adapt", str(ds), "--model", str(two), "--iterations", "6", "--resume", *common]) == 0
+    after = _files(one)
+    assert set(after) - set(before) == {"adapters/hippocampus-mr.safetensors"}
+    assert all(after[k] == before[k] for k in before)
+    assert (tmp_path / "one" / "model.adapt-hippocampus-mr" / "state.pt").is_file()  # beside, not inside
+    a, b = load_model(one), load_model(two)
+    assert a.meta("hippocampus-mr").provenance["init_from"] == "bright"
+    for k, v in a.net.state_dict().items():
+        assert torch.equal(v, b.net.state_dict()[k]), k
+    # adapting again under the same name is refused (no silent overwrite)
+    capsys.readouterr()
+    assert cli_main(["adapt", str(ds), "--model", str(one), "--iterations", "1", *TINY_ARGS]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -21,29 +21,29 @@ from tests.training_data import ball_case, ball_domain
 ARCH = ArchConfig(base_channels=4, levels=3)
 
 
-def _predict(net, domain, image, patch=(24, 24, 24)):
+def _predict(net, domain, image, patch=(16, 16, 16)):
     probs = sliding_window(net, domain, torch.from_numpy(image), patch, device="cpu")
     return probs.argmax(0).numpy()
 
 
 def test_training_reduces_loss_and_segments_an_easy_domain(tmp_path):
-    data = ball_domain("balls")
-    cfg = TrainConfig(iterations=120, lr=1e-2, device="cpu", checkpoint_every=0, val_every=60)
+    data = ball_domain("balls", patch=(24, 24, 24))
+    cfg = TrainConfig(iterations=80, lr=1e-2, device="cpu", checkpoint_every=0, val_every=40)
     reports = list(train_model([data], tmp_path / "m", cfg, ARCH))
-    assert [r.iteration for r in reports] == list(range(1, 121))
+    assert [r.iteration for r in reports] == list(range(1, 81))
     first, last = np.mean([r.loss for r in reports[:10]]), np.mean([r.loss for r in reports[-10:]])
     assert last < 0.5 * first
-    assert reports[59].val_dice is not None and reports[-1].val_dice is not None
-    assert reports[-1].val_dice["balls"]["ball"] > 0.75
+    assert reports[39].val_dice is not None and reports[-1].val_dice is not None
+    assert reports[-1].val_dice["balls"]["ball"] > 0.7
     assert reports[-1].lr < reports[0].lr  # poly schedule
     # The model directory is complete and usable; the CSV log has one row per iteration.
     model = load_model(tmp_path / "m")
     meta = model.meta("balls")
-    assert meta.provenance["iterations"] == 120 and meta.provenance["metrics"]["val_dice"]["ball"] > 0.75
+    assert meta.provenance["iterations"] == 80 and meta.provenance["metrics"]["val_dice"]["ball"] > 0.7
     img, lab = ball_case(555)
-    assert dice_per_class(_predict(model.net, "balls", img), lab, 2)[0] > 0.75
+    assert dice_per_class(_predict(model.net, "balls", img, (24, 24, 24)), lab, 2)[0] > 0.7
     rows = list(csv.DictReader(open(tmp_path / "m" / WORK_SUBDIR / "log.csv")))
-    assert len(rows) == 120 and rows[-1]["val_mean"]
+    assert len(rows) == 80 and rows[-1]["val_mean"]
 
 
 def _weights(model_dir):

@@ -23,7 +23,7 @@ def ball_case(seed: int, shape=(32, 32, 32), contrast: float = 2.0, balls: int =
 
 
 def ball_domain(name: str, n_train: int = 4, n_val: int = 1, seed: int = 0, contrast: float = 2.0,
-                patch=(24, 24, 24), shape=(32, 32, 32)) -> DomainData:
+                patch=(16, 16, 16), shape=(32, 32, 32)) -> DomainData:
     def case(i):
         img, lab = ball_case(seed * 1000 + i, shape, contrast)
         return ArrayCase(f"{name}{i}", img, lab)

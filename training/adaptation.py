@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .distributed import DistInfo
 from .errors import InputError, U2NetError
@@ -79,6 +80,7 @@ def adapt(
         if source is not None and source not in model.adapters:
             raise U2NetError(f"cannot initialise from {source!r}: the model has {', '.join(model.adapters)}")
         pools = pool_counts_for_patch(data.patch_size, net.arch.levels)
+        torch.manual_seed(config.seed)  # the new adapter's random part: same on every rank and re-run
         net.add_domain(name, data.meta.in_channels, data.meta.num_classes, init_from=source,
                        pool_counts=pools)
         data.meta.provenance = {**data.meta.provenance, "init_from": source}
