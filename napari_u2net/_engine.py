@@ -8,6 +8,7 @@ inside the functions that need it, so importing this module (and opening the wid
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Generator
@@ -144,6 +145,18 @@ class RunRequest:
     postprocess: bool = True
     header: object | None = None
     source: str = ""
+    threads: int | None = None  # CPU threads for torch; None = all cores but one (the GUI's)
+    # Run the inference in a spawned child process instead of a thread (the model is reloaded
+    # there from its folder). Off by default: measured here it gave no smoother GUI than a
+    # thread, and the child's start-up (importing torch) costs seconds.
+    subprocess: bool = False
+
+
+def worker_threads(requested: int | None) -> int:
+    """CPU threads for inference: leave one core to napari's event loop unless told otherwise."""
+    if requested:
+        return max(1, int(requested))
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 @dataclass
@@ -215,6 +228,83 @@ def drain(gen: Generator):
         return stop.value
 
 
+def _child_predict(model_dir, domains, data, affine, header, source, config, threads, events, cancel) -> None:
+    """Child-process side of :func:`predict_in_subprocess` (module level: spawn pickles it by name)."""
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        from training.inference import predict
+        from training.modelfile import load_model
+        from training.volume import Volume
+
+        model = load_model(model_dir, "cpu", domains=list(domains))
+        volume = Volume(data, affine, header=header, source=source)
+
+        def progress(p) -> None:
+            events.put(("progress", (p.domain, int(p.done), int(p.total), str(p.stage))))
+
+        result = predict(model, volume, list(domains), config=config, progress=progress, cancel=cancel.is_set)
+        events.put(("result", {d: np.asarray(v) for d, v in result.items()}))
+    except BaseException as e:  # sent to the parent; a type that does not pickle is sent as text
+        try:
+            import pickle
+
+            pickle.dumps(e)
+            events.put(("error", e))
+        except Exception:
+            events.put(("error", U2NetError(f"{type(e).__name__}: {e}")))
+
+
+@dataclass
+class _Progress:
+    domain: str
+    done: int
+    total: int
+    stage: str
+
+
+def predict_in_subprocess(request: RunRequest, config, progress: Callable, cancel: threading.Event) -> dict:
+    """:func:`training.inference.predict` in a spawned child process, with progress and cancel."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    stop = ctx.Event()
+    args = (
+        str(request.model.path), list(request.domains), np.ascontiguousarray(request.data),
+        np.asarray(request.affine), request.header, request.source, config,
+        worker_threads(request.threads), events, stop,
+    )
+    child = ctx.Process(target=_child_predict, args=args, name="u2net-predict", daemon=True)
+    child.start()
+    try:
+        while True:
+            if cancel.is_set():
+                stop.set()
+            try:
+                kind, payload = events.get(timeout=0.05)
+            except queue.Empty:
+                if not child.is_alive():
+                    raise U2NetError(
+                        f"the inference process ended unexpectedly (exit code {child.exitcode}); "
+                        "this is often too little memory: choose a smaller volume or close other programs"
+                    ) from None
+                continue
+            if kind == "progress":
+                progress(_Progress(*payload))
+            elif kind == "error":
+                raise payload
+            else:
+                return payload
+    finally:
+        stop.set()
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
 def run_segmentation(
     request: RunRequest,
     cancel: threading.Event,
@@ -235,8 +325,21 @@ def run_segmentation(
     n = max(len(request.domains), 1)
     order = {d: i for i, d in enumerate(request.domains)}
 
+    in_child = request.subprocess and predict_fn is default_predict and getattr(request.model, "path", None)
+
     def job(callback):
-        return predict_fn(request.model, volume, list(request.domains), config=config, progress=callback, cancel=cancel)
+        if in_child:
+            return predict_in_subprocess(request, config, callback, cancel)
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(worker_threads(request.threads))
+        try:
+            return predict_fn(
+                request.model, volume, list(request.domains), config=config, progress=callback, cancel=cancel
+            )
+        finally:
+            torch.set_num_threads(before)
 
     yield RunReport("", 0, 0, "starting", 0.0)
     gen = iterate_callbacks(job, stop=cancel.set)

@@ -83,9 +83,10 @@ def synthetic_ct() -> list[tuple]:
     domain = synthetic_domain()
     volume, labels = generate_case(domain, SYNTHETIC_SEED)
     names, colors = _domain_classes(domain)
-    image = volume_layer_data(volume, f"synthetic {domain}", colormap="gray")
+    image = volume_layer_data(volume, "synthetic CT", colormap="gray")
     image[1]["metadata"][META_KEY]["domain"] = domain
-    truth = _labels_layer(labels, volume, f"synthetic {domain} ground truth", names, colors)
+    truth = _labels_layer(labels, volume, f"synthetic CT {domain} truth", names, colors)
+    truth[1]["metadata"][META_KEY]["domain"] = domain
     return [image, truth]
 
 

@@ -31,6 +31,16 @@ PREVIOUS_SUFFIX = " (previous)"
 _NO_AUTOSTART = {"_start_thread": False, "_ignore_errors": True}
 
 
+def _ensure_worker_threads(minimum: int = 6) -> None:
+    """napari's workers share Qt's global pool, sized to the CPU count (2 on small machines):
+    a slow download and a device probe could then hold back the segmentation. Raise the floor."""
+    from qtpy.QtCore import QThreadPool
+
+    pool = QThreadPool.globalInstance()
+    if pool.maxThreadCount() < minimum:
+        pool.setMaxThreadCount(minimum)
+
+
 def labels_hash(data: np.ndarray) -> str:
     """Fingerprint of a label array, to tell an untouched result from a hand-corrected one."""
     arr = np.ascontiguousarray(data)
@@ -65,7 +75,9 @@ class DomainSelectorWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.predict_fn = predict_fn
+        self.threads: int | None = None  # torch CPU threads for runs (None: all cores but one)
         self.gui = DomainSelectorGui(self)
+        _ensure_worker_threads()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.gui)
@@ -176,7 +188,10 @@ class DomainSelectorWidget(QWidget):
             combo.blockSignals(False)
             return
         combo.blockSignals(False)
-        first = next((i for i, c in enumerate(self._choices) if c.available), None)
+        # Start with a model already on disk; a registry model downloads only when the user picks it.
+        first = next(
+            (i for i, c in enumerate(self._choices) if c.available and c.kind in ("bundled", "cached")), None
+        )
         if first is None:
             self.gui.model_info.setText(
                 "No bundled model in this installation: pick a registry model or a local model folder (Folder…)."
@@ -375,6 +390,7 @@ class DomainSelectorWidget(QWidget):
             postprocess=self.gui.postprocess_check.isChecked(),
             header=case.header,
             source=case.source,
+            threads=self.threads,
         )
         return request, image
 
