@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import napari
 
+    from ._geometry import radiological_view
+
     viewer = napari.Viewer(title="napari-u2net")
+    radiological_view(viewer)
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Domain selector")
     try:
         viewer.open_sample(PLUGIN, "synthetic_ct")

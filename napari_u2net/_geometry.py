@@ -115,3 +115,14 @@ def result_geometry(image_layer) -> dict:
         }
     # A modality-first 4D image: its spatial transform, composed into one matrix.
     return {"affine": spatial_part(layer_data_to_world(image_layer)), "units": tuple(image_layer.units)[1:]}
+
+
+def radiological_view(viewer) -> None:
+    """Show axial slices as radiologists read them: anterior up, the patient's right on the left.
+
+    napari's world here is (S, A, R) mm, so this makes the vertical (A) axis point up and the
+    horizontal (R) axis point left. Only the camera changes; data and coordinates do not.
+    """
+    scene = getattr(viewer, "scene", None)  # napari ≥ 0.9; older versions: viewer.camera
+    camera = scene.camera if scene is not None else viewer.camera
+    camera.orientation2d = ("up", "left")

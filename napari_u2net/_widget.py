@@ -64,6 +64,42 @@ def class_features(meta):
     return pd.DataFrame({"index": np.arange(meta.num_classes), "class": meta.class_names})
 
 
+def segment_to_layers(request, cancel, predict_fn, build: Callable):
+    """The segmentation job plus building each result's Labels layer, all in the worker thread
+    (constructing a Labels layer takes a few hundred ms; the GUI thread only inserts it)."""
+    results = yield from _engine.run_segmentation(request, cancel, predict_fn=predict_fn)
+    return {domain: build(domain, labels) for domain, labels in results.items()}
+
+
+def make_result_layer(image_name, domain, labels, meta, request, geometry, src_meta, model_dir):
+    """A Labels layer for one domain's result: classes, colours, the image's geometry, provenance."""
+    from napari.layers import Labels
+
+    labels = np.asarray(labels)
+    metadata = {
+        META_KEY: {
+            "domain": domain,
+            "classes": meta.class_names,
+            "image": image_name,
+            "model": str(model_dir) if model_dir else "",
+            "affine": np.asarray(request.affine).copy(),
+            "header": src_meta.get("header"),
+            "source": src_meta.get("source", ""),
+            "shape": tuple(labels.shape),
+            "result_hash": labels_hash(labels),
+        }
+    }
+    return Labels(
+        labels,
+        name=f"{image_name} {domain}",
+        colormap=label_colormap(meta),
+        features=class_features(meta),
+        metadata=metadata,
+        opacity=0.5,
+        **geometry,
+    )
+
+
 class DomainSelectorWidget(QWidget):
     """Segment an image layer with one or several domains of a U²-Net model.
 
@@ -345,12 +381,20 @@ class DomainSelectorWidget(QWidget):
         from napari.utils import progress
 
         self.cancel_event = threading.Event()
+        geometry = result_geometry(image)  # read on the GUI thread, used in the worker
+        src_meta = dict(image.metadata.get(META_KEY, {})) if isinstance(image.metadata, dict) else {}
+        model, model_dir = self.model, self.model_dir
+
+        def build(domain, labels):
+            return make_result_layer(image.name, domain, labels, model.meta(domain), request, geometry, src_meta, model_dir)
+
         worker = create_worker(
             _engine.guarded,
-            _engine.run_segmentation,
+            segment_to_layers,
             request,
             self.cancel_event,
-            predict_fn=self.predict_fn,
+            self.predict_fn,
+            build,
             _connect={
                 "yielded": self._on_report,
                 "returned": lambda result, img=image, req=request: self._on_run_returned(img, req, result),
@@ -437,14 +481,12 @@ class DomainSelectorWidget(QWidget):
         self.gui.progress_bar.setFormat("idle")
 
     # -- results ------------------------------------------------------------------------------------
-    def _add_results(self, image, request: _engine.RunRequest, results: dict[str, np.ndarray]) -> None:
-        added = []
-        for domain, labels in results.items():
-            added.append(self._add_result(image, request, domain, labels, self.model.meta(domain)).name)
+    def _add_results(self, image, request: _engine.RunRequest, layers: dict) -> None:
+        added = [self._add_result(image, domain, layer).name for domain, layer in layers.items()]
         self.gui.status_label.setText("Added " + ", ".join(repr(n) for n in added))
 
-    def _add_result(self, image, request, domain: str, labels: np.ndarray, meta):
-        """Add one domain's Labels layer; an old result is replaced only if nobody edited it."""
+    def _add_result(self, image, domain: str, layer):
+        """Insert one domain's Labels layer; an old result is replaced only if nobody edited it."""
         name = f"{image.name} {domain}"
         index = len(self.viewer.layers)
         if name in self.viewer.layers:
@@ -460,32 +502,7 @@ class DomainSelectorWidget(QWidget):
                 self._notify(
                     "info", f"kept the edited layer {name!r} as {old.name!r} (hidden); the new result replaces it"
                 )
-        labels = np.asarray(labels)
-        src_meta = image.metadata.get(META_KEY, {}) if isinstance(image.metadata, dict) else {}
-        metadata = {
-            META_KEY: {
-                "domain": domain,
-                "classes": meta.class_names,
-                "image": image.name,
-                "model": str(self.model_dir) if self.model_dir else "",
-                "affine": np.asarray(request.affine).copy(),
-                "header": src_meta.get("header"),
-                "source": src_meta.get("source", ""),
-                "shape": tuple(labels.shape),
-                "result_hash": labels_hash(labels),
-            }
-        }
-        from napari.layers import Labels
-
-        layer = Labels(
-            labels,
-            name=name,
-            colormap=label_colormap(meta),
-            features=class_features(meta),
-            metadata=metadata,
-            opacity=0.5,
-            **result_geometry(image),
-        )
+        layer.name = name
         self.viewer.layers.insert(index, layer)
         return layer
 
