@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.domain not in model.adapters:
         raise InputError(f"model has no domain {args.domain!r}; it has: {', '.join(model.adapters)}")
     meta = model.meta(args.domain)
-    cases = list(ds.training)
+    cases = [c for c in ds.training if c.label is not None]
     if args.val_only:
         _, val_ids = load_split(ds, fold=args.fold)
         cases = [c for c in cases if c.id in set(val_ids)]
