@@ -99,3 +99,19 @@ def test_bundled_model_segments_the_sample(make_napari_viewer, qtbot):
     labels = viewer.layers[f"{image.name} {domain}"]
     np.testing.assert_array_equal(labels.affine.affine_matrix, image.affine.affine_matrix)
     assert dice(labels.data, truth.data) >= 0.8
+
+
+def test_mni152_sample_has_tissue_truth_on_its_grid():
+    from training.mni152 import mni152_available
+
+    if not mni152_available():
+        pytest.skip("nilearn (MNI152 files) not installed")
+    from napari_u2net._sample_data import mni152_t1
+
+    (img, img_attrs, kind), (lab, lab_attrs, lab_kind) = mni152_t1()
+    assert (kind, lab_kind) == ("image", "labels") and img.shape == lab.shape and img.ndim == 3
+    np.testing.assert_array_equal(img_attrs["affine"], lab_attrs["affine"])
+    assert list(lab_attrs["features"]["class"]) == ["background", "grey matter", "white matter"]
+    spacing = np.sqrt((np.asarray(img_attrs["affine"])[:3, :3] ** 2).sum(axis=0))
+    np.testing.assert_allclose(spacing, 2.0)
+    assert set(np.unique(lab)) == {0, 1, 2}
