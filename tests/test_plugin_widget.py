@@ -254,3 +254,14 @@ def test_missing_bundled_model_is_explained(make_napari_viewer, qtbot, monkeypat
     qtbot.waitUntil(lambda: "bundled model" in widget.gui.model_info.text(), timeout=10000)
     assert widget.gui.folder_button.isEnabled()
     assert any(m[0] == "warning" and "bundled model" in m[1] for m in messages)
+
+
+def test_only_available_devices_are_enabled(make_napari_viewer, qtbot, model_dir):
+    import torch
+
+    viewer = make_napari_viewer()
+    widget = make_widget(viewer, qtbot, model_dir, ThresholdPredict())
+    combo = widget.gui.device_combo
+    item = combo.model().item
+    qtbot.waitUntil(lambda: item(combo.findData("cuda")).isEnabled() == torch.cuda.is_available(), timeout=20000)
+    assert item(combo.findData("cpu")).isEnabled() and item(combo.findData("auto")).isEnabled()
