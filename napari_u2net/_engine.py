@@ -159,6 +159,21 @@ def worker_threads(requested: int | None) -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def lower_thread_priority(increment: int = 10) -> None:
+    """Nice the calling thread (Linux: per thread) so napari's event loop wins the CPU from it.
+
+    With one torch thread the convolutions run on this very thread, so the GUI thread is
+    scheduled first whenever it has work. Best effort: ignored where unsupported.
+    """
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except OSError:
+        pass
+
+
 @dataclass
 class RunReport:
     """Progress of a run: ``fraction`` over all domains, plus the current stage's own numbers."""
@@ -328,6 +343,7 @@ def run_segmentation(
     in_child = request.subprocess and predict_fn is default_predict and getattr(request.model, "path", None)
 
     def job(callback):
+        lower_thread_priority()
         if in_child:
             return predict_in_subprocess(request, config, callback, cancel)
         import torch
