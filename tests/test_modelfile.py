@@ -143,3 +143,16 @@ def test_load_selected_domains(model_dir):
     assert model.domains == ["mr2"] and model.net.domains == ["mr2"]
     with pytest.raises(ModelFileError, match="no adapter for domain"):
         load_model(model_dir, domains=["liver"])
+
+
+def test_header_length_with_pickle_like_low_byte_still_loads(tmp_path):
+    """A safetensors header whose length starts with byte 0x80 is not mistaken for a pickle."""
+    net = small_net()
+    for pad in range(300):
+        meta = adapter_meta(net, "ct", description="x" * pad)
+        save_model(tmp_path / "m", net, {"ct": meta})
+        raw = adapter_path(tmp_path / "m", "ct").read_bytes()
+        if raw[0] == 0x80:
+            break
+    assert raw[0] == 0x80
+    assert load_model(tmp_path / "m").meta("ct").description == "x" * pad

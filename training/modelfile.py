@@ -166,8 +166,10 @@ def read_weights(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
     if len(raw) < 8:
         raise ModelFileError(f"{path}: file is empty or truncated ({len(raw)} bytes); re-download or re-save it")
     (header_len,) = struct.unpack("<Q", raw[:8])
-    if raw[:2] == b"PK" or raw[:1] == b"\x80" or header_len > len(raw):
-        if raw[:2] == b"PK" or raw[:1] == b"\x80":
+    looks_like_safetensors = 8 + header_len <= len(raw) and raw[8:9] == b"{"
+    if not looks_like_safetensors:
+        # torch.save writes a zip archive ("PK\x03\x04"); older torch a bare pickle (0x80 + protocol).
+        if raw[:4] == b"PK\x03\x04" or (raw[:1] == b"\x80" and raw[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
             raise ModelFileError(
                 f"{path}: this is a pickled PyTorch file, which is refused because loading it "
                 "could run arbitrary code; convert it to a u2net model directory (safetensors)"
