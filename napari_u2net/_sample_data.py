@@ -14,7 +14,7 @@ from ._geometry import META_KEY, to_napari_affine
 from ._reader import volume_layer_data
 
 SYNTHETIC_SEED = 20240  # fixed: the sample is the same volume every time
-CT_DOMAIN_HINTS = ("ct",)
+SAMPLE_DOMAIN = "kidney-ct"  # a CT domain of the bundled model (training/default_model.py)
 
 
 def _labels_layer(labels: np.ndarray, volume, name: str, class_names=None, colors=None) -> tuple:
@@ -48,32 +48,16 @@ def _labels_layer(labels: np.ndarray, volume, name: str, class_names=None, color
 
 
 def synthetic_domain() -> str:
-    """The synthetic domain the sample shows: the first CT-like one."""
-    from training.synth import list_domains
-
-    names = [getattr(d, "name", d) for d in list_domains()]
-    for name in names:
-        if any(h in str(name).lower() for h in CT_DOMAIN_HINTS):
-            return str(name)
-    return str(names[0])
+    """The synthetic domain the sample shows: one the bundled default model segments."""
+    return SAMPLE_DOMAIN
 
 
-def _domain_classes(domain: str):
-    """(class names, colours) of a synthetic domain, if the generator describes them."""
-    from training import synth
+def _domain_classes(domain: str) -> tuple[list[str], list[str]]:
+    """(class names incl. background, colours) of a synthetic domain."""
+    from training.synth import domain_info
 
-    for getter in ("domain_spec", "get_domain"):
-        fn = getattr(synth, getter, None)
-        if fn is not None:
-            spec = fn(domain)
-            names = getattr(spec, "class_names", None) or getattr(spec, "classes", None)
-            if names:
-                names = [getattr(c, "name", c) for c in names]
-                if names[0] != "background":
-                    names = ["background", *names]
-                colors = getattr(spec, "colors", None)
-                return list(names), list(colors) if colors else None
-    return None, None
+    info = domain_info(domain)
+    return list(info.classes), list(info.colors)
 
 
 def synthetic_ct() -> list[tuple]:

@@ -156,9 +156,6 @@ def domain_info(domain: str) -> SynthDomainInfo:
         ) from None
 
 
-domain_spec = domain_info  # alias used by the napari sample-data hook
-
-
 def case_seed(seed: int, index: int) -> int:
     """The seed of case ``index`` of a dataset generated with ``seed`` (independent streams)."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
