@@ -1,0 +1,549 @@
+"""The fine-tune dock widget: teach the model a new domain from corrected labels, in napari.
+
+The GUI thread only reads layers, checks them, and turns the worker's
+:class:`~training.trainer.TrainReport` stream into the plot and the progress line. Training runs
+in a napari thread worker (``_finetune_worker.finetune_job``) in a staging folder; the adapter
+reaches the user's model directory only once training ended (or was stopped and the user chose to
+keep the best checkpoint), and the domain selector docked in the same viewer then lists it.
+
+Dialogs are injectable (``ask_keep``, ``confirm_overwrite``) so tests and benchmarks answer them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtWidgets import QFileDialog, QMessageBox, QVBoxLayout, QWidget
+
+from training.errors import InputError
+
+from . import _finetune_worker as fw
+from ._finetune_gui import FineTuneGui, PairRow
+from ._geometry import layer_case, layer_data_to_world, spatial_part
+
+log = logging.getLogger(__name__)
+
+AUTO_INIT = "auto"
+CPU_DEFAULTS = {"iterations": 300, "lr": 1e-2}
+GPU_DEFAULTS = {"iterations": 1500, "lr": 1e-2}
+
+
+def find_domain_selector(viewer):
+    """The domain selector docked in ``viewer`` (None if there is none)."""
+    from ._widget import DomainSelectorWidget
+
+    window = getattr(viewer, "window", None)
+    try:
+        widgets = list(window.dock_widgets.values())  # napari ≥ 0.6: the inner widgets
+    except AttributeError:
+        widgets = [d.widget() for d in getattr(window, "_dock_widgets", {}).values()]
+    for w in widgets:
+        w = getattr(w, "native", w)  # a magicgui container
+        if isinstance(w, DomainSelectorWidget):
+            return w
+        if hasattr(w, "findChildren"):
+            found = w.findChildren(DomainSelectorWidget)
+            if found:
+                return found[0]
+    return None
+
+
+def parse_patch(text: str) -> tuple[int, int, int] | None:
+    text = text.replace(",", " ").replace("x", " ").strip()
+    if not text or text.lower() == "auto":
+        return None
+    try:
+        values = tuple(int(v) for v in text.split())
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 4:
+        raise InputError(f"patch size {text!r}: give three sizes Z Y X of at least 4 voxels (e.g. 32 64 64), or leave it empty")
+    return values
+
+
+class FineTuneWidget(QWidget):
+    """Fine-tune a new domain (adapter) of a U²-Net model on the user's labels.
+
+    ``selector``: the domain selector to update when a domain is saved (default: the one docked
+    in the viewer). ``ask_keep(result) -> bool`` answers "keep the best adapter so far?" after a
+    Stop; ``confirm_overwrite(name, folder) -> bool`` answers "replace the existing domain?".
+    ``train_fn`` replaces :func:`training.adaptation.adapt_domain` (tests, benchmarks).
+    """
+
+    def __init__(
+        self,
+        napari_viewer,
+        *,
+        selector=None,
+        ask_keep: Callable | None = None,
+        confirm_overwrite: Callable | None = None,
+        train_fn: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self._selector = selector
+        self.ask_keep = ask_keep or self._ask_keep_dialog
+        self.confirm_overwrite = confirm_overwrite or self._confirm_overwrite_dialog
+        self.train_fn = train_fn
+        self.gui = FineTuneGui(self)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.gui)
+
+        self.rows: list[PairRow] = []
+        self.worker = None
+        self.stop_event: threading.Event | None = None
+        self.result = None  # the last FineTuneResult (published or discarded)
+        self.last_saved: Path | None = None
+        self.source_dir: Path | None = None
+        self._classes_auto = True
+        self._target_auto = True
+
+        g = self.gui
+        g.iterations_spin.setValue(CPU_DEFAULTS["iterations"])
+        g.lr_spin.setValue(CPU_DEFAULTS["lr"])
+        g.add_pair_button.clicked.connect(lambda: self.add_pair())
+        g.train_button.clicked.connect(self.train)
+        g.stop_button.clicked.connect(self.stop)
+        g.base_button.clicked.connect(self._choose_base)
+        g.target_button.clicked.connect(self._choose_target)
+        g.classes_edit.textEdited.connect(lambda _t: setattr(self, "_classes_auto", False))
+        g.target_edit.textEdited.connect(lambda _t: setattr(self, "_target_auto", False))
+        g.modality_combo.currentTextChanged.connect(lambda _t: self._fill_init_domains())
+        g.device_combo.currentIndexChanged.connect(self._on_device)
+
+        events = self.viewer.layers.events
+        events.inserted.connect(self._on_layers_changed)
+        events.removed.connect(self._on_layers_changed)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._refresh_layers)
+        self.add_pair()
+        self._probe_devices()
+        self._pick_default_base()
+
+    # -- layers -----------------------------------------------------------------------------------
+    def _layers(self, kind: str) -> list:
+        from napari.layers import Image, Labels
+
+        cls = Image if kind == "image" else Labels
+        return [layer for layer in self.viewer.layers if isinstance(layer, cls)]
+
+    def _on_layers_changed(self, event=None) -> None:
+        if event is not None and getattr(event, "type", "") == "inserted":
+            event.value.events.name.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    def add_pair(self, image: str | None = None, labels: str | None = None) -> PairRow:
+        row = PairRow(self)
+        self.rows.append(row)
+        self.gui.pairs_layout.addWidget(row)
+        row.remove_button.clicked.connect(lambda _=False, r=row: self.remove_pair(r))
+        row.labels_combo.currentIndexChanged.connect(lambda _i: self._prefill_from_labels())
+        row.image_combo.currentIndexChanged.connect(lambda _i: self._prefill_modality())
+        self._refresh_layers()
+        if image is not None:
+            row.image_combo.setCurrentText(image)
+        if labels is not None:
+            row.labels_combo.setCurrentText(labels)
+        return row
+
+    def remove_pair(self, row: PairRow) -> None:
+        if len(self.rows) == 1:
+            return  # one pair always stays
+        self.rows.remove(row)
+        row.setParent(None)
+        row.deleteLater()
+
+    def set_pair(self, index: int, image: str, labels: str) -> None:
+        while len(self.rows) <= index:
+            self.add_pair()
+        self.rows[index].image_combo.setCurrentText(image)
+        self.rows[index].labels_combo.setCurrentText(labels)
+
+    def _refresh_layers(self, event=None) -> None:
+        images = [layer.name for layer in self._layers("image")]
+        labels = [layer.name for layer in self._layers("labels")]
+        for row in self.rows:
+            for combo, names in ((row.image_combo, images), (row.labels_combo, labels)):
+                current = combo.currentText()
+                combo.blockSignals(True)
+                combo.clear()
+                combo.addItems(names)
+                if current in names:
+                    combo.setCurrentText(current)
+                elif names:
+                    combo.setCurrentIndex(len(names) - 1)
+                combo.blockSignals(False)
+        self._prefill_from_labels()
+        self._prefill_modality()
+
+    def _layer(self, name: str):
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    def _prefill_from_labels(self) -> None:
+        """Class names from the first labels layer's features (unless the user typed some)."""
+        if not self._classes_auto or not self.rows:
+            return
+        layer = self._layer(self.rows[0].labels_combo.currentText())
+        if layer is None:
+            return
+        try:
+            names = fw.default_class_names(np.asarray(layer.data), getattr(layer, "features", None))
+        except (TypeError, ValueError):
+            return
+        self.gui.classes_edit.setText(", ".join(names))
+
+    def _prefill_modality(self) -> None:
+        """CT if the image holds Hounsfield-like air values, else MR (the user can change it)."""
+        if not self.rows:
+            return
+        layer = self._layer(self.rows[0].image_combo.currentText())
+        if layer is None or getattr(layer, "multiscale", False):
+            return
+        lo = float(np.min(layer.data)) if np.size(layer.data) else 0.0
+        self.gui.modality_combo.setCurrentText("CT" if lo <= -500 else "MR")
+
+    # -- devices and models ---------------------------------------------------------------------------
+    def _probe_devices(self) -> None:
+        from napari.qt.threading import create_worker
+
+        from . import _engine
+
+        combo = self.gui.device_combo
+        for i in range(2, combo.count()):
+            combo.model().item(i).setEnabled(False)
+        worker = create_worker(_engine.available_devices)
+        worker.returned.connect(self._set_devices)
+        worker.start()
+        self._device_worker = worker
+
+    def _set_devices(self, available: dict) -> None:
+        combo = self.gui.device_combo
+        for i in range(combo.count()):
+            combo.model().item(i).setEnabled(bool(available.get(combo.itemData(i), False)))
+        self._has_gpu = bool(available.get("cuda") or available.get("mps"))
+        self._on_device()
+
+    def _on_device(self, _index: int = 0) -> None:
+        """Iterations default: short on the CPU, longer on a GPU (only while untouched)."""
+        key = self.gui.device_combo.currentData()
+        gpu = key in ("cuda", "mps") or (key == "auto" and getattr(self, "_has_gpu", False))
+        spin = self.gui.iterations_spin
+        if spin.value() in (CPU_DEFAULTS["iterations"], GPU_DEFAULTS["iterations"]):
+            spin.setValue((GPU_DEFAULTS if gpu else CPU_DEFAULTS)["iterations"])
+
+    def selector(self):
+        return self._selector if self._selector is not None else find_domain_selector(self.viewer)
+
+    def _pick_default_base(self) -> None:
+        sel = self.selector()
+        folder = getattr(sel, "model_dir", None) if sel is not None else None
+        if folder is None:
+            try:
+                from training.resources import bundled_model_dir
+
+                folder = bundled_model_dir()
+            except FileNotFoundError:
+                folder = None
+        if folder is not None and (Path(folder) / fw.TRUNK_FILE).exists():
+            self.set_base_model(folder)
+        else:
+            self.gui.base_label.setText("none yet: load a model in the domain selector or pick a folder")
+
+    def set_base_model(self, folder: str | Path, target: str | Path | None = None) -> None:
+        """The model to start from; the 'Save to' folder follows unless the user chose one."""
+        folder = Path(folder)
+        try:
+            trunk_hash = fw.trunk_hash_of(folder)
+            domains = fw.model_domains(folder)
+        except Exception as e:  # unreadable: say so, keep the previous choice
+            self._notify("error", f"{folder}: not a usable U²-Net model folder ({e})")
+            return
+        self.source_dir = folder
+        self._domains = [d for d in domains if "error" not in d]
+        self.gui.base_label.setText(f"{folder.name} ({len(self._domains)} domains)")
+        self.gui.base_label.setToolTip(str(folder))
+        self._fill_init_domains()
+        if target is not None:
+            self.gui.target_edit.setText(str(target))
+            self._target_auto = False
+        elif self._target_auto:
+            writable = _is_user_folder(folder)
+            dest = folder if writable else fw.default_user_dir(folder, trunk_hash)
+            self.gui.target_edit.setText(str(dest))
+
+    def _fill_init_domains(self) -> None:
+        combo = self.gui.init_combo
+        current = combo.currentData()
+        combo.clear()
+        modality = self.gui.modality_combo.currentText()
+        auto = self._closest(modality)
+        combo.addItem(f"auto (closest: {auto})" if auto else "auto", AUTO_INIT)
+        for d in getattr(self, "_domains", []):
+            combo.addItem(f"{d['name']} ({d.get('modality', '')})", d["name"])
+        combo.addItem("none (random start)", None)
+        index = combo.findData(current)
+        combo.setCurrentIndex(index if index >= 0 else 0)
+
+    def _closest(self, modality: str) -> str | None:
+        domains = getattr(self, "_domains", [])
+        same = [d["name"] for d in domains if d.get("modality") == modality]
+        return (same or [d["name"] for d in domains] or [None])[0]
+
+    def _choose_base(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose the U²-Net model to start from")
+        if folder:
+            self.set_base_model(folder)
+
+    def _choose_target(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose your model folder (for fine-tuned domains)")
+        if folder:
+            self.gui.target_edit.setText(folder)
+            self._target_auto = False
+
+    # -- building the request -------------------------------------------------------------------------
+    def _pairs(self, only_labelled: bool) -> list[fw.TrainingPair]:
+        pairs, seen = [], set()
+        for i, row in enumerate(self.rows):
+            image, labels = self._layer(row.image_combo.currentText()), self._layer(row.labels_combo.currentText())
+            if image is None or labels is None:
+                raise InputError(
+                    f"pair {i + 1}: choose an image layer and the labels layer corrected on it "
+                    "(open an image, run a domain or add a Labels layer and paint)"
+                )
+            if (image.name, labels.name) in seen:
+                continue
+            seen.add((image.name, labels.name))
+            case = layer_case(image)
+            if labels.ndim != 3:
+                raise InputError(f"labels layer {labels.name!r} is {labels.ndim}D; a 3D labels layer is needed")
+            lab_matrix = layer_data_to_world(labels)
+            img_matrix = layer_data_to_world(image)
+            if image.ndim == 4:
+                img_matrix = spatial_part(img_matrix)
+            fw.check_geometry(image.name, case.data.shape[1:], img_matrix, labels.name, labels.data.shape, lab_matrix)
+            target = fw.prepare_labels(np.asarray(labels.data), labels.name, only_labelled)
+            pairs.append(fw.TrainingPair(image.name, np.asarray(case.data), case.affine, labels.name, target))
+        channels = {p.image.shape[0] for p in pairs}
+        if len(channels) > 1:
+            raise InputError("the images have different numbers of modalities; every pair must have the same")
+        return pairs
+
+    def make_request(self) -> fw.FineTuneRequest:
+        """Read and check everything the user set; InputError names what to fix."""
+        from training.training_run import domain_name
+        from training.trainer import TrainConfig
+
+        g = self.gui
+        raw = g.name_edit.text().strip()
+        if not raw:
+            raise InputError("give the new domain a name (e.g. liver-ct)")
+        name = domain_name(raw)
+        if self.source_dir is None:
+            raise InputError("no base model: load a model in the domain selector, or pick one with Folder…")
+        target = Path(g.target_edit.text().strip()).expanduser() if g.target_edit.text().strip() else None
+        if target is None:
+            raise InputError("choose the folder to save the new domain in ('Save to')")
+        only = g.sparse_check.isChecked()
+        pairs = self._pairs(only)
+        names = fw.parse_class_names(g.classes_edit.text())
+        top = max(int(p.labels[p.labels != fw.IGNORE].max()) for p in pairs)
+        if len(names) < 2:
+            raise InputError("give the class names, background first, comma-separated (e.g. background, liver)")
+        if top >= len(names):
+            raise InputError(
+                f"the labels go up to {top} but only {len(names)} class names are given "
+                f"({', '.join(names)}); add a name for each label value"
+            )
+        if len(set(names)) != len(names):
+            raise InputError("two classes have the same name; give each class its own name")
+        patch = parse_patch(g.patch_edit.text())
+        iterations = int(g.iterations_spin.value())
+        config = TrainConfig(
+            iterations=iterations,
+            lr=float(g.lr_spin.value()),
+            patch_size=patch,
+            batch_size=2,
+            device=g.device_combo.currentData() or "auto",
+            checkpoint_every=0,
+            val_every=max(10, iterations // 10),
+        )
+        colors = self._colors(pairs, len(names))
+        return fw.FineTuneRequest(
+            source_dir=self.source_dir, target_dir=target, name=name, pairs=pairs, class_names=names,
+            modality=g.modality_combo.currentText(), init_from=g.init_combo.currentData(), config=config,
+            only_labelled_slices=only, colors=colors,
+        )
+
+    def _colors(self, pairs, n: int) -> list[str] | None:
+        """The first labels layer's colours, so the result looks like what was painted."""
+        layer = self._layer(self.rows[0].labels_combo.currentText())
+        try:
+            from matplotlib.colors import to_hex
+
+            cmap = layer.colormap
+            out = ["#000000"]
+            for v in range(1, n):
+                out.append(to_hex(np.asarray(cmap.map(np.array([v]))).reshape(-1)[:3]))
+            return out
+        except Exception:  # colours are cosmetic: fall back to the model's defaults
+            return None
+
+    def _existing_domains(self, target: Path) -> set[str]:
+        names = {p.stem for p in (target / fw.ADAPTER_DIR).glob("*.safetensors")} if target.is_dir() else set()
+        if not (target / fw.TRUNK_FILE).exists() and self.source_dir is not None:
+            names |= {p.stem for p in (self.source_dir / fw.ADAPTER_DIR).glob("*.safetensors")}
+        return names
+
+    # -- running ------------------------------------------------------------------------------------
+    def train(self) -> None:
+        """Check the inputs and start the training worker (problems become notifications)."""
+        if self.worker is not None:
+            return
+        try:
+            request = self.make_request()
+        except InputError as e:
+            self._notify("error", str(e))
+            self.gui.status_label.setText(str(e))
+            return
+        if request.name in self._existing_domains(Path(request.target_dir)):
+            if not self.confirm_overwrite(request.name, Path(request.target_dir)):
+                text = f"domain {request.name!r} already exists in {request.target_dir}; nothing was changed. Choose another name"
+                self._notify("warning", text)
+                self.gui.status_label.setText(text)
+                return
+            request.overwrite = True
+        from napari.qt.threading import create_worker
+
+        self.stop_event = threading.Event()
+        worker = create_worker(
+            fw.finetune_job, request, self.stop_event, train_fn=self.train_fn, _ignore_errors=True
+        )  # errors: _on_error
+        worker.yielded.connect(self._on_report)
+        worker.returned.connect(self._on_done)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self.request = request
+        self.gui.set_running(True)
+        self.gui.plot.clear(request.config.iterations)
+        self.gui.progress_bar.setValue(0)
+        self.gui.progress_bar.setFormat("starting…")
+        n_vox = sum(int((p.labels != fw.IGNORE).sum()) for p in request.pairs)
+        self.gui.status_label.setText(
+            f"Training {request.name!r} on {len(request.pairs)} image(s), {n_vox:,} labelled voxels…"
+        )
+        worker.start()
+
+    def stop(self) -> None:
+        """Ask the worker to stop; it ends within one iteration, then asks what to keep."""
+        if self.stop_event is not None:
+            self.stop_event.set()
+            self.gui.stop_button.setEnabled(False)
+            self.gui.progress_bar.setFormat("stopping…")
+
+    def _on_report(self, report) -> None:
+        total = report.iterations or self.request.config.iterations
+        self.gui.progress_bar.setValue(int(1000 * report.iteration / max(total, 1)))
+        left = _format_seconds(report.eta_s)
+        val = f" · Dice {report.val_mean:.3f}" if report.val_mean is not None else ""
+        self.gui.progress_bar.setFormat(f"{report.iteration}/{total} · loss {report.loss:.3f}{val} · {left} left")
+        self.gui.plot.add(report.iteration, report.loss, report.val_mean)
+
+    def _on_done(self, result) -> None:
+        self.result = result
+        self.gui.plot.flush()
+        keep = True
+        if result.stopped:
+            keep = bool(self.ask_keep(result))
+        if not keep:
+            fw.discard(result)
+            text = f"stopped after {result.iterations_done} iterations; the adapter was discarded, nothing was saved"
+            self.gui.status_label.setText(text)
+            self._notify("info", text)
+            return
+        try:
+            path = fw.publish(result)
+        except Exception as e:  # e.g. the folder became read-only meanwhile
+            fw.discard(result)
+            log.error("saving the adapter failed", exc_info=e)
+            self._notify("error", f"could not save the adapter into {result.request.target_dir}: {e}")
+            return
+        self.last_saved = path
+        name = result.request.name
+        best = f", best Dice on your labels {result.best_val:.3f}" if result.best_val is not None else ""
+        text = f"saved domain {name!r} ({result.iterations_done} iterations{best}) in {path.parent.parent}"
+        self.gui.status_label.setText(text)
+        self._notify("info", text)
+        self._announce(Path(result.request.target_dir), name)
+
+    def _announce(self, folder: Path, name: str) -> None:
+        """Make the new domain appear (ticked) in the domain selector at once."""
+        sel = self.selector()
+        if sel is None:
+            self._notify("info", f"open the domain selector and choose the folder {folder} to run {name!r}")
+            return
+        current = getattr(sel, "model_dir", None)
+        if current is not None and Path(current).resolve() == folder.resolve():
+            sel.reload_model(check=[name])
+        else:
+            sel.set_model_dir(folder, domains=[name])
+
+    def _on_error(self, error: BaseException) -> None:
+        level, text = fw.user_message(error)
+        if level == "error" and not isinstance(error, InputError):
+            log.error("fine-tuning failed", exc_info=error)
+        self.gui.status_label.setText(text)
+        self._notify(level, text)
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.stop_event = None
+        self.gui.set_running(False)
+        self.gui.progress_bar.setFormat("idle" if self.result is None else self.gui.progress_bar.format())
+
+    # -- dialogs --------------------------------------------------------------------------------------
+    def _ask_keep_dialog(self, result) -> bool:
+        best = (f"the best so far (iteration {result.best_iteration}, Dice {result.best_val:.3f} on your labels)"
+                if result.best_val is not None and result.chosen_file == result.best_file
+                else f"the adapter as trained so far ({result.iterations_done} iterations)")
+        answer = QMessageBox.question(
+            self, "Fine-tuning stopped",
+            f"Training of {result.request.name!r} stopped after {result.iterations_done} of "
+            f"{result.request.config.iterations} iterations.\n\nKeep {best}, or discard it?",
+            QMessageBox.Save | QMessageBox.Discard, QMessageBox.Save,
+        )
+        return answer == QMessageBox.Save
+
+    def _confirm_overwrite_dialog(self, name: str, folder: Path) -> bool:
+        answer = QMessageBox.question(
+            self, "Domain exists",
+            f"The domain {name!r} already exists in {folder}.\nReplace it with the one you are about to train?",
+            QMessageBox.Yes | QMessageBox.No, QMessageBox.No,
+        )
+        return answer == QMessageBox.Yes
+
+    def _notify(self, level: str, text: str) -> None:
+        {"error": show_error, "warning": show_warning}.get(level, show_info)(text)
+
+
+def _is_user_folder(folder: Path) -> bool:
+    """A user model folder made by this panel (``<cache>/models/user*``): trained into directly.
+
+    Any other base model (bundled, downloaded, a folder picked on disk) is copied first, so
+    fine-tuning never writes into a package folder, a checksummed download or someone's model.
+    """
+    from training.registry import cache_dir
+
+    folder = folder.resolve()
+    return folder.parent == (cache_dir() / "models").resolve() and folder.name.startswith("user")
+
+
+def _format_seconds(s: float) -> str:
+    s = int(round(max(s, 0)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
