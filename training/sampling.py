@@ -88,7 +88,10 @@ class PatchSampler:
         for i in range(batch_size):
             k = int(torch.randint(len(self.cases), (1,), generator=g))
             case = self.cases[k]
-            want_fg = i >= n_random if batch_size > 1 else float(torch.rand(1, generator=g)) < self.fg_fraction
+            if batch_size > 1:
+                want_fg = i >= n_random
+            else:
+                want_fg = float(torch.rand(1, generator=g)) < self.fg_fraction
             centre = [None, None, None]
             if want_fg and self.fg[k]:
                 pts = self.fg[k][int(torch.randint(len(self.fg[k]), (1,), generator=g))]

@@ -45,7 +45,7 @@ class TrainConfig:
     iterations: int = 1000
     patch_size: tuple[int, int, int] | None = None  # None: each domain's own (from its plan)
     batch_size: int = 2
-    lr: float = 3e-4
+    lr: float = 1e-2  # AdamW and SGD alike (what the tests and CLI use)
     weight_decay: float = 3e-5
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.99  # sgd (Nesterov)
@@ -221,7 +221,8 @@ def run_training(
         st = load_state(state_path)
         missing = set(trained_state(net, prefixes)) - set(st["weights"])
         if missing:
-            raise U2NetError(f"{state_path}: training state does not match this model ({sorted(missing)[:2]} missing)")
+            raise U2NetError(f"{state_path}: training state does not match this model "
+                             f"({sorted(missing)[:2]} missing); start without --resume")
         net.load_state_dict({k: v.to(device) for k, v in st["weights"].items()}, strict=False)
         optimizer.load_state_dict(st["optimizer"])
         scaler.load_state_dict(st["scaler"])
@@ -314,8 +315,8 @@ def run_training(
             report.weights_hash = weights_hash(net.state_dict())
         if log_path is not None:
             with log_path.open("a", newline="") as f:
-                csv.writer(f).writerow([done, d.name, f"{report.loss:.6f}", f"{lr:.3e}",
-                                        f"{seconds:.3f}", "" if report.val_mean is None else f"{report.val_mean:.4f}"])
+                val_text = "" if report.val_mean is None else f"{report.val_mean:.4f}"
+                csv.writer(f).writerow([done, d.name, f"{report.loss:.6f}", f"{lr:.3e}", f"{seconds:.3f}", val_text])
         yield report
 
 
@@ -332,7 +333,8 @@ def _plain(d):
     return d if isinstance(d, (int, float, str, bool, type(None))) else str(d)
 
 
-def consume(reports: Iterator[TrainReport], progress: bool = False, is_main: bool = True) -> TrainReport | None:
+def consume(reports: Iterator[TrainReport], progress: bool = False, is_main: bool = True
+            ) -> TrainReport | None:
     """Run a report generator to its end (optionally with a tqdm-free text progress bar)."""
     last = None
     for last in reports:

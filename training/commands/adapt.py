@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         data = domain_from_dataset(Path(args.dataset), name=args.name, patch_size=config.patch_size,
                                    fold=args.fold, cache_dir=Path(args.cache) if args.cache else None)
-        work = Path(args.work_dir) if args.work_dir else model_dir.parent / f"{model_dir.name}.adapt-{data.name}"
+        work = model_dir.parent / f"{model_dir.name}.adapt-{data.name}"
+        work = Path(args.work_dir) if args.work_dir else work
         init = None if args.random_init else (args.init_from or AUTO)
         reports = adapt(model_dir, data, config, init_from=init, work_dir=work, resume=args.resume,
                         overwrite=args.overwrite, dist=dist)
