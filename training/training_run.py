@@ -9,13 +9,13 @@ can use, plus ``MODEL_DIR/training/{state.pt,log.csv}`` for ``--resume``.
 from __future__ import annotations
 
 import datetime
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from .datasets import domain_name
 from .distributed import DistInfo
 from .errors import U2NetError
 from .modelfile import AdapterMeta, make_classes, save_model
@@ -23,12 +23,6 @@ from .network import ArchConfig, DomainConfig, U2Net, pool_counts_for_patch
 from .trainer import DomainData, TrainConfig, TrainReport, run_training
 
 WORK_SUBDIR = "training"
-
-
-def domain_name(name: str) -> str:
-    """A dataset name made into a valid domain name (letters, digits, '_', '-', '.')."""
-    clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_.-") or "domain"
-    return clean[:64]
 
 
 def domain_from_dataset(

@@ -22,7 +22,7 @@ def add_training_arguments(p: argparse.ArgumentParser, iterations: int, lr: floa
     p.add_argument("--val-every", type=int, default=0, help="validate every N iterations (default: at the end)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="write a checkpoint every N iterations")
     p.add_argument("--fold", type=int, default=0, help="cross-validation fold for the train/val split (default 0)")
-    p.add_argument("--cache", help="preprocessing cache directory (default: none)")
+    p.add_argument("--cache", help="preprocessing cache directory (default: DATASET/.u2net_cache)")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--no-augment", action="store_true", help="disable data augmentation")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")

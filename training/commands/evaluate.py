@@ -24,62 +24,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per case, then the summary")
 
 
-def _inference_config(device: str):
-    from ..inference import InferenceConfig
-
-    try:
-        return InferenceConfig(device=device)
-    except TypeError:
-        return InferenceConfig()
-
-
 def run(args: argparse.Namespace) -> int:
     import json
 
-    import numpy as np
-
     from ..datasets import load_dataset, load_split
-    from ..errors import InputError
-    from ..inference import predict
-    from ..metrics import dice_per_class, mean_ignoring_nan
+    from ..evaluation import evaluate_dataset
     from ..modelfile import load_model
     from ..registry import resolve_model
-    from ..volume import read_image
 
-    ds = load_dataset(args.dataset)
     model = load_model(resolve_model(args.model))
-    if args.domain not in model.adapters:
-        raise InputError(f"model has no domain {args.domain!r}; it has: {', '.join(model.adapters)}")
-    meta = model.meta(args.domain)
-    cases = [c for c in ds.training if c.label is not None]
+    case_ids = None
     if args.val_only:
-        _, val_ids = load_split(ds, fold=args.fold)
-        cases = [c for c in cases if c.id in set(val_ids)]
-    cases = cases[: args.limit] if args.limit else cases
-    if not cases:
-        raise InputError(f"{args.dataset}: no labelled case to evaluate")
-    names = meta.class_names[1:]
-    config = _inference_config(args.device)
-    per_case = []
-    for case in cases:
-        volume = read_image(case.images)
-        truth = np.asarray(read_image(case.label).data[0]).round().astype(np.int64)
-        pred = predict(model, volume, [args.domain], config)[args.domain]
-        scores = dict(zip(names, dice_per_class(pred, truth, meta.num_classes)))
-        per_case.append({"case": case.id, "dice": scores, "mean": mean_ignoring_nan(scores.values())})
+        _, case_ids = load_split(load_dataset(args.dataset), fold=args.fold)
+
+    def show(case: dict) -> None:
         if args.json:
-            print(json.dumps(per_case[-1]))
+            print(json.dumps(case), flush=True)
         else:
-            print(f"{case.id:<24} " + "  ".join(f"{n}={v:.3f}" for n, v in scores.items()))
-    mean_per_class = {n: mean_ignoring_nan([c["dice"][n] for c in per_case]) for n in names}
-    summary = {
-        "dataset": str(args.dataset),
-        "domain": args.domain,
-        "cases": len(per_case),
-        "mean_dice_per_class": mean_per_class,
-        "mean_dice": mean_ignoring_nan(mean_per_class.values()),
-    }
+            print(f"{case['case']:<24} " + "  ".join(f"{n}={v:.3f}" for n, v in case["dice"].items()), flush=True)
+
+    summary = evaluate_dataset(model, args.dataset, args.domain, device=args.device, case_ids=case_ids,
+                               limit=args.limit, on_case=show)
+    summary.pop("per_case")
     if not args.json:
-        print("mean " + "  ".join(f"{n}={v:.3f}" for n, v in mean_per_class.items()))
+        print("mean " + "  ".join(f"{n}={v:.3f}" for n, v in summary["mean_dice_per_class"].items()))
     print(json.dumps(summary))
     return 0
