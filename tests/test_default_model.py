@@ -1,0 +1,30 @@
+"""The default model's recipe runs end to end (tiny settings) and writes a usable float16 model."""
+
+import json
+
+from training.default_model import main
+from training.modelfile import TRUNK_FILE, load_model
+
+
+def test_recipe_writes_evaluated_half_precision_model(tmp_path, capsys):
+    out = tmp_path / "default"
+    argv = [str(out), "--work", str(tmp_path / "work"), "--domains", "hippocampus-mr",
+            "--cases", "2", "--eval-cases", "1", "--iterations", "3", "--base-channels", "4",
+            "--levels", "3", "--size-scale", "0.5", "--device", "cpu"]
+    assert main(argv) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(figures) == {"hippocampus-mr"} and 0.0 <= figures["hippocampus-mr"] <= 1.0
+    model = load_model(out)
+    meta = model.meta("hippocampus-mr")
+    prov = meta.provenance
+    assert prov["recipe"]["iterations"] == 3 and prov["recipe"]["seed"] == 0
+    assert prov["heldout_evaluation"]["cases"] == 1
+    assert "python -m training.default_model" in prov["command"]
+    assert json.loads((out / "evaluation.json").read_text())["hippocampus-mr"]["mean_dice"] == figures["hippocampus-mr"]
+    # float16 on disk: two bytes per weight plus a small header.
+    n = sum(p.numel() for p in model.net.trunk.parameters())
+    assert (out / TRUNK_FILE).stat().st_size < 2 * n + 4096
+    assert not (tmp_path / "default.partial").exists()
+    # Re-running reuses the data and replaces the model atomically.
+    assert main(argv + ["--evaluate-only"]) == 0
+    assert load_model(out).domains == ["hippocampus-mr"]
