@@ -103,13 +103,10 @@ def test_bad_inputs(tmp_path):
         read_image(tmp_path)
 
 
-def test_dicom_series_matches_sitk_geometry(tmp_path):
-    aff = _oblique_affine()
-    arr = (np.random.default_rng(2).random((6, 16, 18)) * 1000).astype(np.int16)
+def write_dicom_series(folder, arr, aff, series_uid):
     img = to_sitk(arr, aff)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    folder = tmp_path / "dcm"
     folder.mkdir()
     direction = img.GetDirection()
     for z in range(arr.shape[0]):
@@ -117,14 +114,46 @@ def test_dicom_series_matches_sitk_geometry(tmp_path):
         sl.SetMetaData("0020|0037", "\\".join(f"{v:.10f}" for v in (*direction[0::3], *direction[1::3])))
         sl.SetMetaData("0020|0032", "\\".join(f"{v:.10f}" for v in img.TransformIndexToPhysicalPoint((0, 0, z))))
         sl.SetMetaData("0020|0013", str(z))
-        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")
+        sl.SetMetaData("0020|000e", series_uid)
         sl.SetMetaData("0018|0050", str(img.GetSpacing()[2]))
         writer.SetFileName(str(folder / f"{z:03d}.dcm"))
         writer.Execute(sl)
+
+
+def test_dicom_series_matches_sitk_geometry(tmp_path):
+    aff = _oblique_affine()
+    arr = (np.random.default_rng(2).random((6, 16, 18)) * 1000).astype(np.int16)
+    folder = tmp_path / "dcm"
+    write_dicom_series(folder, arr, aff, "1.2.826.0.1.3680043.2.1125.1")
     vol = read_image(folder)
     assert vol.shape == arr.shape
-    assert np.array_equal(vol.data[0], arr)
-    assert np.allclose(vol.affine, aff, atol=1e-4)
+    assert_same_image(vol.data[0], vol.affine, arr, aff)
+
+
+def assert_same_image(data, affine, ref, ref_affine, atol=1e-4):
+    """Equal as physical images: DICOM orders slices along the normal, which may flip axis 0."""
+    m = np.linalg.inv(ref_affine) @ affine  # our index -> reference index
+    signs = np.round(np.diag(m[:3, :3]))
+    assert np.allclose(m[:3, :3], np.diag(signs), atol=atol), m
+    flipped = ref[tuple(slice(None, None, -1) if s < 0 else slice(None) for s in signs)]
+    assert np.array_equal(data, flipped)
+    centre = (np.array(ref.shape) - 1) / 2
+    assert np.allclose(affine @ np.r_[centre, 1], ref_affine @ np.r_[centre, 1], atol=atol)
+
+
+def test_two_dicom_series_in_one_process_keep_their_geometry(tmp_path):
+    """Each series opens the same way whatever was read before: axis 0 along the slice normal."""
+    rot = _oblique_affine()
+    other = np.array([[0.0, 0.0, -0.8, 40.0], [0.0, 0.9, 0.0, -30.0], [3.0, 0.0, 0.0, 12.0], [0, 0, 0, 1]])
+    for i, (aff, shape) in enumerate([(other, (5, 12, 10)), (rot, (6, 16, 18)), (np.diag([-1.0, 1, 1, 1]) @ rot, (4, 9, 7))]):
+        arr = (np.random.default_rng(i).random(shape) * 1000).astype(np.int16)
+        folder = tmp_path / f"s{i}"
+        write_dicom_series(folder, arr, aff, f"1.2.826.0.1.3680043.2.1125.{i + 10}")
+        vol = read_image(folder)
+        assert_same_image(vol.data[0], vol.affine, arr, aff)
+        lps = np.diag([-1.0, -1.0, 1.0])
+        row, col = lps @ vol.affine[:3, 2], lps @ vol.affine[:3, 1]  # sitk x, y directions
+        assert np.dot(np.cross(row, col), lps @ vol.affine[:3, 0]) > 0
 
 
 def test_write_refuses_other_suffix_and_is_atomic(tmp_path):

@@ -123,7 +123,7 @@ def read_dicom_series(folder: str | Path) -> Volume:
         raise InputError(f"{folder}: no DICOM series found in this folder")
     files_by_id = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids}
     sid = max(files_by_id, key=lambda s: len(files_by_id[s]))
-    reader.SetFileNames(files_by_id[sid])
+    reader.SetFileNames(_sort_slices(files_by_id[sid]))
     try:
         img = reader.Execute()
     except RuntimeError as e:
@@ -135,6 +135,31 @@ def read_dicom_series(folder: str | Path) -> Volume:
     array, affine = from_sitk(img)
     meta = {"dicom_series": sid, "series_count": len(ids)}
     return Volume(array[None], affine, source=str(folder), meta=meta)
+
+
+def _sort_slices(files) -> list[str]:
+    """Order slice files by position along the slice normal (row × column direction).
+
+    GDCM's own sort gives a physically consistent volume too, but its direction depends on
+    which series the process sorted before (seen with SimpleITK 2.5): the same folder could open
+    with axis 0 reversed. This order is always the same.
+    """
+    import SimpleITK as sitk
+
+    keyed = []
+    for f in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(f))
+        r.LoadPrivateTagsOff()
+        try:
+            r.ReadImageInformation()
+            iop = [float(v) for v in r.GetMetaData("0020|0037").split("\\")]
+            ipp = [float(v) for v in r.GetMetaData("0020|0032").split("\\")]
+        except (RuntimeError, ValueError):
+            return list(files)  # no usable geometry tags: keep the reader's order
+        normal = np.cross(iop[:3], iop[3:6])
+        keyed.append((float(np.dot(normal, ipp)), str(f)))
+    return [f for _, f in sorted(keyed)]
 
 
 def read_image(paths: str | Path | list[str | Path]) -> Volume:
