@@ -39,12 +39,12 @@ def random_base_model(out: Path, patch) -> Path:
     metas = {
         "kidney-ct": AdapterMeta(
             domain="kidney-ct", modalities=["CT"], classes=make_classes(["background", "kidney", "tumour"]),
-            modality="CT", patch_size=list(patch),
+            modality="CT", patch_size=list(patch), spacing=[10.0, 6.0, 6.0],
             normalization=[{"scheme": "ct", "clip": [-200.0, 300.0], "mean": 50.0, "std": 80.0}],
         ),
         "heart-mr": AdapterMeta(
             domain="heart-mr", modalities=["MRI"], classes=make_classes(["background", "left-atrium"]),
-            modality="MR", patch_size=list(patch), normalization=[{"scheme": "zscore", "nonzero": False}],
+            modality="MR", patch_size=list(patch), spacing=[10.0, 6.0, 6.0], normalization=[{"scheme": "zscore", "nonzero": False}],
         ),
     }
     save_model(out, net, metas, provenance={"made_by": "bench_finetune (random trunk)"})

@@ -31,6 +31,7 @@ from ._geometry import layer_case, layer_data_to_world, spatial_part
 log = logging.getLogger(__name__)
 
 AUTO_INIT = "auto"
+RANDOM_INIT = "<random>"
 CPU_DEFAULTS = {"iterations": 300, "lr": 1e-2}
 GPU_DEFAULTS = {"iterations": 1500, "lr": 1e-2}
 
@@ -282,20 +283,23 @@ class FineTuneWidget(QWidget):
             self.gui.target_edit.setText(str(dest))
 
     def _fill_init_domains(self) -> None:
+        """'auto' first (selected unless the user picked a domain that still exists)."""
         combo = self.gui.init_combo
         current = combo.currentData()
+        combo.blockSignals(True)
         combo.clear()
         modality = self.gui.modality_combo.currentText()
         auto = self._closest(modality)
         combo.addItem(f"auto (closest: {auto})" if auto else "auto", AUTO_INIT)
         for d in getattr(self, "_domains", []):
             combo.addItem(f"{d['name']} ({d.get('modality', '')})", d["name"])
-        combo.addItem("none (random start)", None)
-        index = combo.findData(current)
+        combo.addItem("none (random start)", RANDOM_INIT)
+        index = combo.findData(current) if current else -1
         combo.setCurrentIndex(index if index >= 0 else 0)
+        combo.blockSignals(False)
 
-    def _closest(self, modality: str) -> str | None:
-        domains = getattr(self, "_domains", [])
+    def _closest(self, modality: str, exclude: str | None = None) -> str | None:
+        domains = [d for d in getattr(self, "_domains", []) if d["name"] != exclude]
         same = [d["name"] for d in domains if d.get("modality") == modality]
         return (same or [d["name"] for d in domains] or [None])[0]
 
@@ -380,9 +384,13 @@ class FineTuneWidget(QWidget):
         colors = self._colors(pairs, len(names))
         return fw.FineTuneRequest(
             source_dir=self.source_dir, target_dir=target, name=name, pairs=pairs, class_names=names,
-            modality=g.modality_combo.currentText(), init_from=g.init_combo.currentData(), config=config,
+            modality=g.modality_combo.currentText(), init_from=self._init_from(), config=config,
             only_labelled_slices=only, colors=colors,
         )
+
+    def _init_from(self) -> str | None:
+        value = self.gui.init_combo.currentData()
+        return None if value == RANDOM_INIT else (value or AUTO_INIT)
 
     def _colors(self, pairs, n: int) -> list[str] | None:
         """The first labels layer's colours, so the result looks like what was painted."""
@@ -422,6 +430,8 @@ class FineTuneWidget(QWidget):
                 self.gui.status_label.setText(text)
                 return
             request.overwrite = True
+            if request.init_from in (AUTO_INIT, request.name):  # not from the adapter being replaced
+                request.init_from = self._closest(request.modality, exclude=request.name)
         from napari.qt.threading import create_worker
 
         self.stop_event = threading.Event()

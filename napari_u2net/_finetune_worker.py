@@ -254,12 +254,12 @@ class FineTuneResult:
         return self.last_file
 
 
-def _val_cases(pairs: list[TrainingPair]) -> list[tuple]:
-    """Validation on the user's own labels, cropped to the looked-at slices (cheap to run)."""
+def _val_cases(pairs: list[TrainingPair], margin: int = 8) -> list[tuple]:
+    """Validation on the user's own labels, cropped to the looked-at slices ± ``margin`` (context)."""
     out = []
     for p in pairs:
         rows = labelled_slices(p.labels)
-        z0, z1 = rows[0], rows[-1] + 1
+        z0, z1 = max(0, rows[0] - margin), min(p.labels.shape[0], rows[-1] + 1 + margin)
         out.append((p.image[:, z0:z1], p.labels[z0:z1]))
     return out
 
