@@ -120,6 +120,8 @@ class FineTuneWidget(QWidget):
         g.classes_edit.textEdited.connect(lambda _t: setattr(self, "_classes_auto", False))
         g.target_edit.textEdited.connect(lambda _t: setattr(self, "_target_auto", False))
         g.modality_combo.currentTextChanged.connect(lambda _t: self._fill_init_domains())
+        # the plot's axes follow the planned iterations now, not when Train is clicked
+        g.iterations_spin.valueChanged.connect(lambda n: self.worker is None and g.plot.clear(int(n)))
         g.device_combo.currentIndexChanged.connect(self._on_device)
 
         events = self.viewer.layers.events

@@ -56,9 +56,14 @@ class TrainingPlot(FigureCanvasQTAgg):
         self.val_iterations.clear()
         self.val_dice.clear()
         self._total = total
-        self.ax.set_xlim(0, max(total or 1, 1))
-        self.ax.set_ylim(0, 2.0)  # Dice + cross-entropy starts near 1: usually no redraw needed
+        limits = ((0, max(total or 1, 1)), (0, 2.0))  # Dice + cross-entropy starts near 1
         self._update_lines()
+        if self._background is not None and (self.ax.get_xlim(), self.ax.get_ylim()) == limits:
+            self.restore_region(self._background)  # same axes: no full redraw (a freeze on a busy CPU)
+            self.blit(self.figure.bbox)
+            return
+        self.ax.set_xlim(*limits[0])
+        self.ax.set_ylim(*limits[1])
         self.draw_idle()
 
     def record(self, iteration: int, loss: float, val_dice: float | None = None) -> None:
