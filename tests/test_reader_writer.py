@@ -97,31 +97,15 @@ def test_open_and_save_through_napari(make_napari_viewer, tmp_path):
 
 def test_dicom_folder_opens_as_one_layer_in_place(tmp_path):
     """A DICOM series folder (written here with SimpleITK) is claimed and read with its geometry."""
-    import SimpleITK as sitk
-
-    from training.volume import to_sitk
+    from .test_volume import assert_same_image, write_dicom_series
 
     aff = np.array([[0.0, 0.0, -0.8, 40.0], [0.0, 0.9, 0.0, -30.0], [3.0, 0.0, 0.0, 12.0], [0, 0, 0, 1]])
     arr = (np.random.default_rng(1).random((5, 12, 10)) * 1000).astype(np.int16)
-    img = to_sitk(arr, aff)
     folder = tmp_path / "series"
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    direction = img.GetDirection()
-    for z in range(arr.shape[0]):
-        sl = img[:, :, z]
-        sl.SetMetaData("0020|0037", "\\".join(f"{v:.10f}" for v in (*direction[0::3], *direction[1::3])))
-        sl.SetMetaData("0020|0032", "\\".join(f"{v:.10f}" for v in img.TransformIndexToPhysicalPoint((0, 0, z))))
-        sl.SetMetaData("0020|0013", str(z))
-        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.7")
-        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
-        writer.Execute(sl)
+    write_dicom_series(folder, arr, aff, "1.2.826.0.1.3680043.2.1125.7")
     reader = napari_get_reader(str(folder))
     assert reader is read_volume
     ((data, attrs, _),) = reader(str(folder))
-    from .test_volume import assert_same_image
-
     affine = attrs["metadata"][META_KEY]["affine"]
     assert_same_image(data, affine, arr, aff)  # slices ordered along the normal: axis 0 may flip
     np.testing.assert_allclose(from_napari_affine(np.asarray(attrs["affine"])), affine, atol=1e-9)

@@ -18,6 +18,10 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and a rename: never half a file."""
     path = Path(path)

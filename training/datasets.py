@@ -21,15 +21,14 @@ with one line naming the file. Label *values* are checked when the labels are re
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write_text
 from .errors import DatasetError
 from .volume import is_nifti, nifti_to_ours
 
@@ -319,14 +318,6 @@ def load_split(
 
 def _write_json_atomic(path: Path, obj) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        atomic_write_text(path, json.dumps(obj, indent=1))
     except OSError as e:  # read-only dataset: the split is deterministic, so just do not store it
         warnings.warn(f"cannot write {path} ({e}); the split is recomputed each time", stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write_bytes
 from .datasets import Case, MSDDataset, _header
 from .errors import DatasetError
 from .normalization import normalize
@@ -295,18 +294,11 @@ def _cache_root(dataset: MSDDataset, cache_dir) -> Path | None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """A cache write that cannot be made (read-only or full disk) only costs the cache."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        atomic_write_bytes(path, data)
     except OSError as e:
         warnings.warn(f"cannot write {path} ({e}); not cached", stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_cached(path: Path, sources: list) -> PreprocessedCase | None:

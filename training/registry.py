@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .errors import InputError, U2NetError
 from .resources import BUNDLED_MODEL, bundled_model_dir, resources_dir
 
@@ -179,7 +180,7 @@ def read_registry(
             return parse_registry(json.loads(copy.read_text()), f"{source} (copy from {copy})", source)
         raise RegistryError(f"registry {source}: cannot fetch it ({e}) and there is no cached copy") from e
     entries = parse_registry(doc, source, source)
-    _atomic_write_text(copy, json.dumps(doc, indent=1))
+    atomic_write_text(copy, json.dumps(doc, indent=1))
     return entries
 
 
@@ -212,18 +213,6 @@ def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
 
 def model_cache_dir(name: str, cache: Path | None = None) -> Path:
     return (cache or cache_dir()) / "models" / name
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sha256_of(path: Path) -> str:
@@ -356,7 +345,7 @@ def download_model(
     manifest = json.dumps(entry.to_dict(), indent=1)
     manifest_path = model_dir / MANIFEST_FILE
     if not manifest_path.is_file() or manifest_path.read_text() != manifest:
-        _atomic_write_text(manifest_path, manifest)
+        atomic_write_text(manifest_path, manifest)
     return model_dir
 
 

@@ -30,10 +30,8 @@ API: :data:`SYNTH_DOMAINS`, :func:`list_domains`, :func:`generate_case`, :func:`
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .atomic import atomic_write_text
 from . import deform
 from .errors import DatasetError, InputError
 from .volume import Volume, write_labels, write_nifti
@@ -804,8 +803,5 @@ def write_dataset(
             },
         },
     }
-    fd, tmp = tempfile.mkstemp(prefix=".dataset.json.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, out / "dataset.json")
+    atomic_write_text(out / "dataset.json", json.dumps(doc, indent=2))
     return out
