@@ -28,11 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def reexec_under_xvfb() -> None:
+    """Run this script again under xvfb-run when there is no display (shared by bench_ui_train)."""
     if os.environ.get("DISPLAY") or os.environ.get("U2NET_UNDER_XVFB"):
         return
     xvfb = shutil.which("xvfb-run")
     if xvfb is None:
-        sys.exit("bench_ui: no DISPLAY and no xvfb-run; install xvfb (apt-get install xvfb)")
+        sys.exit(f"{Path(sys.argv[0]).stem}: no DISPLAY and no xvfb-run; install xvfb (apt-get install xvfb)")
     env = {**os.environ, "U2NET_UNDER_XVFB": "1"}
     cmd = [xvfb, "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv]
     sys.exit(subprocess.call(cmd, env=env))

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,16 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-
-def reexec_under_xvfb() -> None:
-    if os.environ.get("DISPLAY") or os.environ.get("U2NET_UNDER_XVFB"):
-        return
-    xvfb = shutil.which("xvfb-run")
-    if xvfb is None:
-        sys.exit("bench_ui_train: no DISPLAY and no xvfb-run; install xvfb (apt-get install xvfb)")
-    env = {**os.environ, "U2NET_UNDER_XVFB": "1"}
-    cmd = [xvfb, "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv]
-    sys.exit(subprocess.call(cmd, env=env))
+from bench_ui import reexec_under_xvfb  # noqa: E402
 
 
 def grab(viewer, app, path: Path, width: int = 1100) -> None:
