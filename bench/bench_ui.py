@@ -117,7 +117,8 @@ def main() -> int:
             if time.perf_counter() - t0 > timeout:
                 raise TimeoutError("bench_ui: timed out")
 
-    wait(lambda: widget.model is not None and domain in widget.checked_domains(), 120)
+    # the widget is ready: model loaded, devices probed, run-time imports done in the background
+    wait(lambda: widget.model is not None and domain in widget.checked_domains() and widget.warmed_up, 120)
     widget.gui.device_combo.setCurrentIndex(widget.gui.device_combo.findData("cpu"))
     wait(lambda: True, 0)
     for _ in range(50):  # let the window settle (first paints are not the worker's fault)

@@ -103,7 +103,8 @@ def main() -> int:
             if time.perf_counter() - t0 > timeout:
                 raise TimeoutError("bench_ui_train: timed out")
 
-    wait(lambda: selector.model is not None, 120)
+    # both panels ready: model loaded, devices probed, run-time imports done in the background
+    wait(lambda: selector.model is not None and selector.warmed_up and panel.warmed_up, 120)
     panel.set_base_model(base)
     g = panel.gui
     g.name_edit.setText("liver")

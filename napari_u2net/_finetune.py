@@ -120,6 +120,7 @@ class FineTuneWidget(QWidget):
         g.classes_edit.textEdited.connect(lambda _t: setattr(self, "_classes_auto", False))
         g.target_edit.textEdited.connect(lambda _t: setattr(self, "_target_auto", False))
         g.modality_combo.currentTextChanged.connect(lambda _t: self._fill_init_domains())
+        g.classes_edit.textChanged.connect(lambda _t: self._fill_init_domains())  # 'auto' follows the classes
         # the plot's axes follow the planned iterations now, not when Train is clicked
         g.iterations_spin.valueChanged.connect(lambda n: self.worker is None and g.plot.clear(int(n)))
         g.device_combo.currentIndexChanged.connect(self._on_device)
@@ -130,6 +131,7 @@ class FineTuneWidget(QWidget):
         for layer in self.viewer.layers:
             layer.events.name.connect(self._refresh_layers)
         self.add_pair()
+        self.warmed_up = False
         self._probe_devices()
         self._pick_default_base()
 
@@ -224,12 +226,13 @@ class FineTuneWidget(QWidget):
         combo = self.gui.device_combo
         for i in range(2, combo.count()):
             combo.model().item(i).setEnabled(False)
-        worker = create_worker(_engine.available_devices)
+        worker = create_worker(_engine.probe_and_warm, "training")  # pre-imports: see warm_up
         worker.returned.connect(self._set_devices)
         worker.start()
         self._device_worker = worker
 
     def _set_devices(self, available: dict) -> None:
+        self.warmed_up = True  # devices probed and run-time imports done (benchmarks wait for it)
         combo = self.gui.device_combo
         for i in range(combo.count()):
             combo.model().item(i).setEnabled(bool(available.get(combo.itemData(i), False)))
@@ -301,9 +304,21 @@ class FineTuneWidget(QWidget):
         combo.blockSignals(False)
 
     def _closest(self, modality: str, exclude: str | None = None) -> str | None:
-        domains = [d for d in getattr(self, "_domains", []) if d["name"] != exclude]
-        same = [d["name"] for d in domains if d.get("modality") == modality]
-        return (same or [d["name"] for d in domains] or [None])[0]
+        """The domain 'auto' starts from: the trainer's own rule (modality, channels, classes)."""
+        from training.domain_match import closest_domain_name
+
+        num_classes = len(fw.parse_class_names(self.gui.classes_edit.text()))
+        candidates = [
+            (d["name"], d.get("modality", ""), max(1, len(d.get("modalities") or [None])), len(d.get("classes") or []))
+            for d in getattr(self, "_domains", []) if d["name"] != exclude
+        ]
+        return closest_domain_name(candidates, modality, self._image_channels(), num_classes)
+
+    def _image_channels(self) -> int:
+        """Modalities in the first pair's image layer (a 4D layer holds one volume per modality)."""
+        layer = self._layer(self.rows[0].image_combo.currentText()) if self.rows else None
+        shape = getattr(getattr(layer, "data", None), "shape", ())
+        return int(shape[0]) if len(shape) == 4 else 1
 
     def _choose_base(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose the U²-Net model to start from")

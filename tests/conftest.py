@@ -23,6 +23,17 @@ def adapter_meta(net: U2Net, name: str, modality: str = "CT", **kw) -> AdapterMe
     return AdapterMeta(domain=name, modalities=mods, classes=make_classes(names), modality=modality, **kw)
 
 
+@pytest.fixture(scope="session")
+def _session_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("u2net_home")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_u2net_home(_session_home, monkeypatch):
+    """Caches (downloads, compiled graphs) go to a test folder, never to the user's own cache."""
+    monkeypatch.setenv("U2NET_HOME", str(_session_home))
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     """A small random two-domain model directory (trunk + adapters)."""

@@ -406,6 +406,51 @@ def test_existing_output_is_not_overwritten(tmp_path):
     assert nib.load(out).shape == (16, 20, 12)
 
 
+# -- compiled (AOTInductor) ---------------------------------------------------------------------
+@pytest.mark.skipif(not backends.compiler_available(), reason="no C++ compiler")
+def test_compiled_agrees_with_torch_and_is_reused_from_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path))
+    backends.COMPILED_CACHE.clear()
+    net = small_net().eval()
+    image = torch.randn(1, 20, 40, 36)  # 2 × 2 × 2 tiles of PATCH: the last batch is partial
+    ref = sliding_window(net, "ct", image, PATCH, device="cpu")
+    out = sliding_window(net, "ct", image, PATCH, device="cpu", backend="compiled", batch_size=3)
+    assert (out - ref).abs().max().item() < 1e-4
+    packages = list((tmp_path / "compiled").glob("*.pt2"))
+    assert len(packages) == 1 and not list((tmp_path / "compiled").glob(".*"))  # no partial file left
+
+    # A new process (empty in-memory cache) loads the package: compiling again would fail here.
+    backends.COMPILED_CACHE.clear()
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", _must_not_compile)
+    runner = backends.make_runner(net, "ct", "compiled", torch.device("cpu"), patch_size=PATCH, batch_size=3)
+    assert isinstance(runner, backends.CompiledRunner)
+    again = sliding_window(net, "ct", image, PATCH, device="cpu", backend="compiled", batch_size=3)
+    assert torch.equal(again, out)
+    # Other weights are another graph: changing one adapter weight means compiling again.
+    with torch.no_grad():
+        next(net.adapters["ct"].parameters()).add_(1.0)
+    backends.COMPILED_CACHE.clear()
+    with pytest.raises(AssertionError, match="compiled again"):
+        backends.load_compiled(net, "ct", PATCH, 3)
+
+
+def _must_not_compile(*args, **kwargs):
+    raise AssertionError("compiled again")
+
+
+def test_compiled_falls_back_to_eager_without_a_compiler(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path))
+    monkeypatch.setattr(backends, "compiler_available", lambda: False)
+    backends.COMPILED_CACHE.clear()
+    net = small_net().eval()
+    image = torch.randn(1, 16, 24, 24)
+    with caplog.at_level("WARNING", logger="training.backends"):
+        out = sliding_window(net, "ct", image, PATCH, device="cpu", backend="compiled")
+    assert "no C++ compiler" in caplog.text and "eager PyTorch" in caplog.text
+    assert torch.allclose(out, sliding_window(net, "ct", image, PATCH, device="cpu"), atol=1e-5)
+    assert not (tmp_path / "compiled").exists() or not list((tmp_path / "compiled").iterdir())
+
+
 # -- OpenVINO -----------------------------------------------------------------------------------
 @pytest.mark.skipif(not backends.openvino_available(), reason="openvino extra not installed")
 def test_openvino_agrees_with_torch():

@@ -1,9 +1,10 @@
 """Fine-tune panel in a real napari viewer (under Xvfb): learn a new organ, stop, bad input.
 
-The base model is built in the session (no trained bundled model is needed): a small random
-trunk with two domains (kidney CT, heart MR) that know nothing about the liver. The panel teaches
-it the liver from labels painted from ground truth on one synthetic CT, and the new domain is
-run on unseen CTs (mean Dice over three: ≥ 0.80 from all slices, ≥ 0.70 from 5 labelled slices).
+Learning: the bundled model (which has no liver domain) learns the liver through the panel, with
+its default learning rate, from labels painted from ground truth on one synthetic CT; the new
+domain then runs on unseen CTs, and EACH must score Dice ≥ 0.80 (all slices labelled) or ≥ 0.70
+(5 labelled slices with the "labelled slices" option). Everything else (stop, overwrite, bad
+input) uses a small random-trunk model built in the session, which is faster.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ from napari_u2net._reader import volume_layer_data  # noqa: E402
 
 pytestmark = pytest.mark.qt
 
-ORGAN = "liver-ct"  # the base model has kidney-ct and heart-mr only
-SCALE = 0.4  # (19, 45, 45) voxels per CT
+ORGAN = "liver-ct"  # neither base model has a liver domain
+SCALE = 0.4  # (19, 45, 45) voxels per CT (random-trunk tests)
 PATCH = "16 32 32"
-ITERATIONS = 300
+LEARN_SCALE = 0.5  # (24, 56, 56) voxels per CT (learning tests, bundled model)
+# The panel's defaults (patch: empty = the whole 24×56×56 volume; learning rate) with 200
+# iterations: measured Dice 0.849 / 0.839 / 0.901 on unseen volumes 2 / 3 / 4 from all slices,
+# 0.790 / 0.795 / 0.890 from 5 labelled slices.
+ITERATIONS = 200
 SPARSE_ITERATIONS = 200
 ARCH = ArchConfig(base_channels=8, levels=3)
 SPACING = (11.0, 7.0, 7.0)  # ≈ the synthetic CT's at SCALE: no costly resampling at inference
@@ -63,6 +68,15 @@ def base_model(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    from training.resources import bundled_model_dir
+
+    folder = bundled_model_dir()
+    assert (folder / "trunk.safetensors").is_file(), f"the bundled model is missing from {folder}"
+    return folder
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """U2NET_HOME in a temporary folder: the panel's default 'Save to' lands there."""
@@ -75,8 +89,8 @@ def _files(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _add_case(viewer, seed: int, name: str, labels: np.ndarray | None = None, **labels_kw):
-    volume, truth = generate_case(ORGAN, seed, SCALE)
+def _add_case(viewer, seed: int, name: str, labels: np.ndarray | None = None, scale: float = SCALE, **labels_kw):
+    volume, truth = generate_case(ORGAN, seed, scale)
     data, attrs, _ = volume_layer_data(volume, name)
     viewer.add_image(data, **attrs)
     lab = (truth > 0).astype(np.uint8) if labels is None else labels
@@ -96,7 +110,7 @@ class Recorder:
         return "\n".join(t for lv, t in self.messages if level is None or lv == level)
 
 
-def _panel(viewer, qtbot, base_model, **kw) -> tuple[FineTuneWidget, Recorder]:
+def _panel(viewer, qtbot, base_model, patch: str = PATCH, **kw) -> tuple[FineTuneWidget, Recorder]:
     w = FineTuneWidget(viewer, **kw)
     viewer.window.add_dock_widget(w, name="Fine-tune")
     rec = Recorder()
@@ -104,7 +118,7 @@ def _panel(viewer, qtbot, base_model, **kw) -> tuple[FineTuneWidget, Recorder]:
     w.set_base_model(base_model)
     g = w.gui
     g.device_combo.setCurrentIndex(g.device_combo.findData("cpu"))
-    g.patch_edit.setText(PATCH)
+    g.patch_edit.setText(patch)
     return w, rec
 
 
@@ -117,42 +131,45 @@ def _train(qtbot, w, timeout_s: float = 900) -> None:
 UNSEEN = (2, 3, 4)  # volumes never shown to the panel (the training volume is seed 1)
 
 
-def _dice_unseen(model_dir: Path, domain: str, seeds=UNSEEN) -> float:
-    """Mean Dice over unseen volumes (one volume is a noisy estimate: seed 2 alone scores lowest)."""
+def _dice_unseen(model_dir: Path, domain: str, seeds=UNSEEN) -> list[float]:
+    """Dice of the new domain on each unseen volume."""
     model = load_model(model_dir)
     scores = []
     for seed in seeds:
-        volume, truth = generate_case(ORGAN, seed, SCALE)
+        volume, truth = generate_case(ORGAN, seed, LEARN_SCALE)
         pred = predict(model, volume, [domain], InferenceConfig(device="cpu"))[domain]
-        scores.append(dice_per_class(pred, (truth > 0).astype(np.uint8), 2)[0])
+        scores.append(float(dice_per_class(pred, (truth > 0).astype(np.uint8), 2)[0]))
     print(f"fine-tune {domain}: Dice per unseen volume", [round(x, 3) for x in scores])
-    return float(np.mean(scores))
+    return scores
 
 
 def test_finetune_learns_a_new_organ_and_leaves_other_domains_bit_identical(
-    make_napari_viewer, qtbot, base_model, home
+    make_napari_viewer, qtbot, bundled_model, home
 ):
     from napari_u2net._widget import DomainSelectorWidget
 
     viewer = make_napari_viewer()
     selector = DomainSelectorWidget(viewer)
     viewer.window.add_dock_widget(selector, name="Domain selector")
-    _add_case(viewer, 1, "ct1", features={"index": [0, 1], "class": ["background", "liver"]})
-    w, rec = _panel(viewer, qtbot, base_model)
+    _add_case(viewer, 1, "ct1", scale=LEARN_SCALE, features={"index": [0, 1], "class": ["background", "liver"]})
+    w, rec = _panel(viewer, qtbot, bundled_model, patch="")  # the default: a patch that fits the image
     g = w.gui
     assert g.classes_edit.text() == "background, liver"  # from the labels layer's features
     assert g.modality_combo.currentText() == "CT"  # HU image
-    assert "kidney-ct" in g.init_combo.itemText(0)  # auto = closest by modality
+    base = load_model(bundled_model)
+    ct_domains = [d for d in base.domains if base.meta(d).modality == "CT"]
+    closest = g.init_combo.itemText(0).removeprefix("auto (closest: ").removesuffix(")")
+    assert closest in ct_domains  # auto = closest by modality
+    assert g.lr_spin.value() == pytest.approx(1e-2)  # the panel's CPU default is what is tested
     target = Path(g.target_edit.text())
     assert target == home / "models" / "user"  # a writable copy, not the base model's folder
 
-    check_volume, _ = generate_case("kidney-ct", 5, SCALE)
-    before = predict(load_model(base_model), check_volume, ["kidney-ct", "heart-mr"], InferenceConfig(device="cpu"))
-    base_files = _files(base_model)
+    check_volume, _ = generate_case("kidney-ct", 5, LEARN_SCALE)
+    before = predict(base, check_volume, ct_domains, InferenceConfig(device="cpu"))
+    base_files = _files(bundled_model)
 
     g.name_edit.setText("liver")
     g.iterations_spin.setValue(ITERATIONS)
-    g.lr_spin.setValue(2e-2)
     _train(qtbot, w)
     assert rec.text("error") == ""
     saved = target / "adapters" / "liver.safetensors"
@@ -160,11 +177,13 @@ def test_finetune_learns_a_new_organ_and_leaves_other_domains_bit_identical(
     assert not [p for p in target.iterdir() if p.name.startswith(".")]  # no staging left
 
     # Trunk frozen: base model untouched, its copy byte-identical, old domains predict the same.
-    assert _files(base_model) == base_files
+    assert _files(bundled_model) == base_files
     copied = _files(target)
-    for k, v in base_files.items():
-        assert copied[k] == v, k
-    after = predict(load_model(target), check_volume, ["kidney-ct", "heart-mr"], InferenceConfig(device="cpu"))
+    model_files = [k for k in base_files if k.endswith(".safetensors")]  # not evaluation.json
+    assert len(model_files) == 1 + len(base.domains)
+    for k in model_files:
+        assert copied[k] == base_files[k], k
+    after = predict(load_model(target), check_volume, ct_domains, InferenceConfig(device="cpu"))
     for d in before:
         assert np.array_equal(before[d], after[d]), d
 
@@ -173,7 +192,7 @@ def test_finetune_learns_a_new_organ_and_leaves_other_domains_bit_identical(
     prov = meta.provenance
     assert prov["pairs"][0]["image"] == "ct1" and prov["pairs"][0]["labels"] == "ct1 labels"
     assert prov["pairs"][0]["voxels"]["liver"] > 0 and prov["iterations_done"] == ITERATIONS
-    assert prov["val_dice_on_own_labels"] is not None and prov["init_from"] == "kidney-ct"
+    assert prov["val_dice_on_own_labels"] is not None and prov["init_from"] == closest
     assert meta.class_names == ["background", "liver"] and meta.modality == "CT"
     assert len(g.plot.losses) == ITERATIONS and g.plot.val_dice
 
@@ -181,27 +200,25 @@ def test_finetune_learns_a_new_organ_and_leaves_other_domains_bit_identical(
     qtbot.waitUntil(lambda: "liver" in selector.checked_domains(), timeout=60000)
     assert Path(selector.model_dir) == target
 
-    dice = _dice_unseen(target, "liver")
-    print(f"fine-tune: mean Dice on the unseen volumes {dice:.3f}")
-    assert dice >= 0.80
+    scores = _dice_unseen(target, "liver")
+    assert min(scores) >= 0.80, scores
 
 
-def test_finetune_from_five_labelled_slices(make_napari_viewer, qtbot, base_model, home):
+def test_finetune_from_five_labelled_slices(make_napari_viewer, qtbot, bundled_model, home):
     viewer = make_napari_viewer()
-    volume, truth = generate_case(ORGAN, 1, SCALE)
+    volume, truth = generate_case(ORGAN, 1, LEARN_SCALE)
     lab = (truth > 0).astype(np.uint8)
     rows = np.nonzero(lab.reshape(lab.shape[0], -1).any(1))[0]
     keep = rows[np.linspace(0, len(rows) - 1, 7).round().astype(int)[1:-1]]
     sparse = np.zeros_like(lab)
     sparse[keep] = lab[keep]  # as if the user corrected 5 slices of an otherwise empty layer
-    _add_case(viewer, 1, "ct1", labels=sparse)
-    w, rec = _panel(viewer, qtbot, base_model)
+    _add_case(viewer, 1, "ct1", labels=sparse, scale=LEARN_SCALE)
+    w, rec = _panel(viewer, qtbot, bundled_model, patch="")
     g = w.gui
     g.name_edit.setText("liver-sparse")
     g.classes_edit.setText("background, liver")
     g.sparse_check.setChecked(True)
     g.iterations_spin.setValue(SPARSE_ITERATIONS)
-    g.lr_spin.setValue(2e-2)
     req = w.make_request()
     assert fw.labelled_slices(req.pairs[0].labels) == [int(k) for k in keep]
     assert (req.pairs[0].labels[~np.isin(np.arange(lab.shape[0]), keep)] == 255).all()
@@ -210,9 +227,8 @@ def test_finetune_from_five_labelled_slices(make_napari_viewer, qtbot, base_mode
     target = Path(g.target_edit.text())
     prov = load_model(target, domains=["liver-sparse"]).meta("liver-sparse").provenance
     assert prov["only_labelled_slices"] and prov["pairs"][0]["labelled_slices"] == 5
-    dice = _dice_unseen(target, "liver-sparse")
-    print(f"fine-tune: mean Dice on the unseen volumes from 5 labelled slices {dice:.3f}")
-    assert dice >= 0.70
+    scores = _dice_unseen(target, "liver-sparse")
+    assert min(scores) >= 0.70, scores
 
 
 def test_stop_discards_or_keeps_the_best_adapter(make_napari_viewer, qtbot, base_model, home):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .distributed import DistInfo
+from .domain_match import closest_domain_name
 from .errors import InputError, U2NetError
 from .losses import IGNORE_INDEX
 from .modelfile import AdapterMeta, Model, adapter_path, load_model, make_classes, save_adapter
@@ -33,15 +34,9 @@ DEFAULT_PATCH_CAP = (64, 128, 128)
 
 
 def closest_domain(model: Model, meta: AdapterMeta) -> str | None:
-    """The existing domain most like ``meta``: same modality, then channel count, then classes."""
-    best, best_score = None, None
-    for name in sorted(model.adapters):
-        m = model.adapters[name]
-        score = (m.modality == meta.modality, m.in_channels == meta.in_channels,
-                 m.num_classes == meta.num_classes)
-        if best_score is None or score > best_score:
-            best, best_score = name, score
-    return best
+    """The existing domain most like ``meta`` (:func:`training.domain_match.closest_domain_name`)."""
+    candidates = ((n, m.modality, m.in_channels, m.num_classes) for n, m in model.adapters.items())
+    return closest_domain_name(candidates, meta.modality, meta.in_channels, meta.num_classes)
 
 
 def adapt(

@@ -243,14 +243,19 @@ def sliding_window(
     cancel: CancelFlag = None,
     amp: bool = True,
     backend: str = "torch",
+    copy_for_speed: bool = True,
 ) -> torch.Tensor:
     """Softmax probabilities (K, Z, Y, X) float32 on the CPU for a normalised image (C, Z, Y, X)
-    already at the domain's spacing. Volumes smaller than the patch are zero-padded."""
+    already at the domain's spacing. Volumes smaller than the patch are zero-padded.
+
+    ``copy_for_speed=False`` runs ``net`` itself (no channels-last copy): the trainer's
+    validation, where copying every adapter each time costs more than it saves."""
     from .backends import make_runner
 
     dev = resolve_device(device)
     bs = batch_size or default_batch_size(dev)
-    runner = make_runner(net, domain, backend, dev, amp=amp, patch_size=patch_size, batch_size=bs)
+    runner = make_runner(net, domain, backend, dev, amp=amp, patch_size=patch_size, batch_size=bs,
+                         channels_last=None if copy_for_speed else False)
     shape = tuple(image.shape[1:])
     out = torch.empty((runner.num_classes, *shape), dtype=torch.float32)
     for z0, z1, probs in iter_probability_slabs(

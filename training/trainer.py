@@ -150,7 +150,8 @@ def validate(net: U2Net, data: DomainData, device: torch.device, overlap: float 
     scores = []
     for case in data.val:
         image = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
-        probs = sliding_window(net, data.name, image, data.patch_size, overlap=overlap, device=device)
+        probs = sliding_window(net, data.name, image, data.patch_size, overlap=overlap, device=device,
+                               copy_for_speed=False)  # no copy of every adapter per validation
         pred = probs.argmax(0).numpy()
         scores.append(dice_per_class(pred, np.asarray(case.label), data.meta.num_classes))
     if not scores:

@@ -22,8 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--overlap", type=float, default=0.5, help="tile overlap in [0, 1) (default 0.5)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per batch (default: by device)")
-    p.add_argument("--backend", choices=["torch", "openvino"], default="torch",
-                   help="torch (default) or openvino (CPU only; pip install napari-u2net[openvino])")
+    p.add_argument("--backend", choices=["torch", "compiled", "openvino"], default="torch",
+                   help="torch (default, eager); compiled (CPU: TorchInductor ahead-of-time, compiled once per "
+                        "domain and patch and kept on disk: the first run takes minutes, later runs are faster); "
+                        "openvino (CPU only; pip install napari-u2net[openvino])")
     p.add_argument("--no-postprocess", action="store_true",
                    help="keep every connected component (default: largest one per class)")
     p.add_argument("--no-amp", action="store_true", help="full float32 on the GPU")
