@@ -151,7 +151,12 @@ def _warm_vispy_dash_patterns() -> None:
 def probe_and_warm(kind: str = "inference") -> dict[str, bool]:
     """:func:`available_devices`, then :func:`warm_up` (one background job when a panel opens)."""
     devices = available_devices()
-    warm_up(kind)
+    try:
+        warm_up(kind)
+    except Exception as e:  # only a speed-up: the run itself reports real problems
+        import logging
+
+        logging.getLogger(__name__).warning("warm-up imports failed: %s", e)
     return devices
 
 
