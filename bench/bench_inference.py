@@ -5,10 +5,10 @@ domain's spacing, patch 64×128×128, overlap 0.5. MONAI in its default usage (c
 one tile per batch) on the same network and on a plain full-convolution 3D U-Net of the same
 shape; ours with each backend we offer (compiled and OpenVINO: first run incl. conversion +
 compilation into an empty cache folder, and warm: a fresh in-memory cache that loads the graph
-from disk, as a new napari session would). Memory: a tiny network (one 3×3×3 convolution) on a CT-sized 1×300×512×512 volume, 2 classes: peak resident memory
-above the process's baseline (after imports, model load, one warm-up tile and creating the
-input volume) while
-turning the volume into labels, each measurement in a fresh subprocess.
+from disk, as a new napari session would). Memory: a tiny network (one 3×3×3 convolution) on
+a CT-sized 1×300×512×512 volume, 2 classes: peak resident memory above the process's baseline
+(after imports, model load, one warm-up tile and creating the input volume) while turning the
+volume into labels, each measurement in a fresh subprocess.
 
     python bench/bench_inference.py            # the cases (minutes on a small CPU)
     python bench/bench_inference.py --quick    # smaller volumes, for trying things out

@@ -184,7 +184,8 @@ class DomainSelectorWidget(QWidget):
         combo = self.gui.device_combo
         for i in range(2, combo.count()):
             combo.model().item(i).setEnabled(False)
-        worker = create_worker(_engine.guarded_call, _engine.probe_and_warm, "inference", _connect={"returned": self._set_devices}, **_NO_AUTOSTART)
+        worker = create_worker(_engine.guarded_call, _engine.probe_and_warm, "inference",
+                               _connect={"returned": self._set_devices}, **_NO_AUTOSTART)
         worker.start()
         self._device_worker = worker
 
