@@ -115,13 +115,22 @@ def warm_up(kind: str = "inference") -> None:
 
     Executing a module's code holds the GIL, so an import inside a segmentation or training
     worker freezes napari's event loop. Measured on 2 cores: SimpleITK (first resampling)
-    ≈ 330 ms of stalls at the first run; torch._dynamo (pulled in by the optimizer) ≈ 200 ms at
-    the first Train; vispy's dash patterns ≈ 65 ms inside the first Labels layer insertion.
+    ≈ 330 ms of stalls at the first run; torch._dynamo (pulled in by the optimizer) ≈ 200 ms and
+    nibabel + ITK's first filter ≈ 120 ms at the first Train; vispy's dash patterns ≈ 65 ms inside
+    the first Labels layer insertion.
     """
-    import SimpleITK  # noqa: F401  (training.resample imports it lazily)
+    import nibabel  # noqa: F401  (training.resample imports both lazily)
+    import SimpleITK  # noqa: F401
 
     import training.inference  # noqa: F401
     import training.postprocess  # noqa: F401
+    from training.resample import canonical_orientation, resample
+
+    # ITK's first filter run sets up its factories and thread pool with the GIL held (≈ 75 ms).
+    eye = np.eye(4)
+    canonical_orientation(eye)
+    resample(np.zeros((4, 4, 4), np.float32), eye, eye, (4, 4, 4))
+    resample(np.zeros((4, 4, 4), np.uint8), eye, eye, (4, 4, 4), linear=False)
 
     if kind == "training":
         import torch

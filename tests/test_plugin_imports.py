@@ -21,3 +21,22 @@ def test_main_without_display_prints_hint_instead_of_aborting():
     out = subprocess.run([sys.executable, "-m", "napari_u2net"], capture_output=True, text=True, env=env)
     assert out.returncode == 2
     assert "xvfb-run -a make run" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_warm_up_imports_what_a_first_run_would_import_mid_run():
+    """The panels' background warm-up must do the GIL-holding imports before a run needs them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from napari_u2net import _engine\n"
+        "lazy = ['SimpleITK', 'nibabel', 'torch._dynamo', 'training.adaptation', 'training.inference']\n"
+        "before = [m for m in lazy if m in sys.modules]\n"
+        "_engine.warm_up('training')\n"
+        "after = [m for m in lazy if m not in sys.modules]\n"
+        "print(before, after)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[] []"  # none imported by opening the plugin, all after warm-up
