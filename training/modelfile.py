@@ -27,7 +27,7 @@ from safetensors.torch import save as st_save_bytes
 
 from .atomic import atomic_write_bytes, default_file_mode  # noqa: F401  (re-exported)
 from .errors import U2NetError
-from .network import ArchConfig, DomainConfig, U2Net
+from .network import ArchConfig, DomainAdapter, DomainConfig, U2Net
 
 FORMAT_VERSION = 1
 TRUNK_FILE = "trunk.safetensors"
@@ -249,8 +249,12 @@ def load_trunk(path: Path, device: str | torch.device = "cpu") -> tuple[U2Net, T
         arch = ArchConfig.from_dict(meta["arch"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"{path}: invalid architecture in metadata ({e})") from e
-    net = U2Net(arch)
-    _load_state(net.trunk, state, path)
+    with torch.device("meta"):  # built empty: the file's tensors are assigned, not copied
+        net = U2Net(arch)
+    _load_state(net.trunk, state, path, assign=True)
+    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelFileError(f"{path}: weights do not fit the architecture (missing {left[:3]})")
     trunk_hash = weights_hash(state)
     if meta.get("trunk_hash") and meta["trunk_hash"] != trunk_hash:
         raise ModelFileError(f"{path}: weights do not match the hash in their metadata; the file is corrupt")
@@ -274,12 +278,16 @@ def load_adapter(path: Path, net: U2Net, trunk_hash: str) -> AdapterMeta:
         )
     if meta.domain in net.adapters:
         net.remove_domain(meta.domain)
-    adapter = net.add_domain(meta.domain, config.in_channels, config.num_classes, pool_counts=config.pool_counts)
-    _load_state(adapter, state, path)
+    with torch.device("meta"):
+        empty = DomainAdapter(net.arch, config)
+    _check_state(empty, state, path)
+    ref = next(net.trunk.parameters())
+    net.add_domain(meta.domain, config.in_channels, config.num_classes, pool_counts=config.pool_counts,
+                   state={k: v.to(ref.dtype) for k, v in state.items()})
     return meta
 
 
-def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def _check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -289,8 +297,13 @@ def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: P
             f"{path}: weights do not fit the architecture (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}, wrong shape {wrong[:3]})"
         )
-    ref = next(iter(own.values()))
-    module.load_state_dict({k: v.to(ref.dtype) for k, v in state.items()})
+
+
+def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, assign: bool = False) -> None:
+    _check_state(module, state, path)
+    ref = next(iter(module.state_dict().values()))
+    dtype = torch.float32 if ref.is_meta else ref.dtype
+    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=assign)
 
 
 def load_model(model_dir: Path, device: str | torch.device = "cpu", domains: list[str] | None = None) -> Model:

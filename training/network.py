@@ -212,12 +212,22 @@ class U2Net(nn.Module):
         num_classes: int,
         init_from: str | None = None,
         pool_counts: tuple[int, int, int] | None = None,
+        state: dict[str, torch.Tensor] | None = None,
     ) -> DomainAdapter:
         """Add a new domain's adapter; ``init_from`` copies every shape-compatible tensor from an
-        existing domain (the output heads too when the class count matches)."""
+        existing domain (the output heads too when the class count matches). With ``state`` (a
+        complete state dict, e.g. from a file) the adapter is built without random
+        initialisation and takes those tensors."""
         if name in self.adapters:
             raise ValueError(f"domain {name!r} already exists in this model")
         config = DomainConfig(name, in_channels, num_classes, pool_counts)
+        if state is not None:
+            with torch.device("meta"):  # no wasted random init (it holds the GIL in GUI workers)
+                adapter = DomainAdapter(self.arch, config)
+            adapter.load_state_dict(state, assign=True)
+            ref = next(self.trunk.parameters())
+            self.adapters[name] = adapter.to(device=ref.device, dtype=ref.dtype)
+            return adapter
         adapter = DomainAdapter(self.arch, config)
         if init_from is not None:
             source = self._adapter(init_from).state_dict()
