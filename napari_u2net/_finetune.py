@@ -25,6 +25,7 @@ from qtpy.QtWidgets import QFileDialog, QMessageBox, QVBoxLayout, QWidget
 from training.errors import InputError
 
 from . import _finetune_worker as fw
+from ._devices import start_device_probe
 from ._finetune_gui import FineTuneGui, PairRow
 from ._geometry import layer_case, layer_data_to_world, spatial_part
 
@@ -219,23 +220,10 @@ class FineTuneWidget(QWidget):
 
     # -- devices and models ---------------------------------------------------------------------------
     def _probe_devices(self) -> None:
-        from napari.qt.threading import create_worker
-
-        from . import _engine
-
-        combo = self.gui.device_combo
-        for i in range(2, combo.count()):
-            combo.model().item(i).setEnabled(False)
-        worker = create_worker(_engine.probe_and_warm, "training")  # pre-imports: see warm_up
-        worker.returned.connect(self._set_devices)
-        worker.start()
-        self._device_worker = worker
+        self._device_worker = start_device_probe(self.gui.device_combo, "training", self._set_devices)
 
     def _set_devices(self, available: dict) -> None:
         self.warmed_up = True  # devices probed and run-time imports done (benchmarks wait for it)
-        combo = self.gui.device_combo
-        for i in range(combo.count()):
-            combo.model().item(i).setEnabled(bool(available.get(combo.itemData(i), False)))
         self._has_gpu = bool(available.get("cuda") or available.get("mps"))
         self._on_device()
 

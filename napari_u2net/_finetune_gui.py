@@ -20,10 +20,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._devices import device_combo
 from ._plot import TrainingPlot
-
-DEVICE_LABELS = {"auto": "auto (best available)", "cpu": "CPU", "cuda": "CUDA GPU", "mps": "Apple MPS"}
-
 
 class PairRow(QWidget):
     """One (image layer, labels layer) training pair."""
@@ -112,9 +110,7 @@ class FineTuneGui(QWidget):
         self.patch_edit.setPlaceholderText("auto (Z Y X)")
         self.patch_edit.setToolTip("Patch size Z Y X in voxels, or empty for a size that fits the image")
         tform.addRow("Patch size", self.patch_edit)
-        self.device_combo = QComboBox()
-        for key, label in DEVICE_LABELS.items():
-            self.device_combo.addItem(label, key)
+        self.device_combo = device_combo()
         tform.addRow("Device", self.device_combo)
         save_row = QHBoxLayout()
         self.target_edit = QLineEdit()

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QVBoxLayout, QWidget
 from training.errors import InputError
 
 from . import _engine
+from ._devices import start_device_probe
 from ._geometry import META_KEY, layer_case, result_geometry
 from ._widget_gui import DomainSelectorGui
 
@@ -179,25 +180,10 @@ class DomainSelectorWidget(QWidget):
     def _probe_devices(self) -> None:
         """Grey out devices this machine lacks and pre-import what a run needs, in a worker (torch
         and SimpleITK are not imported at startup, nor mid-run where they would stall the GUI)."""
-        from napari.qt.threading import create_worker
+        self._device_worker = start_device_probe(self.gui.device_combo, "inference", self._set_devices)
 
-        combo = self.gui.device_combo
-        for i in range(2, combo.count()):
-            combo.model().item(i).setEnabled(False)
-        worker = create_worker(_engine.guarded_call, _engine.probe_and_warm, "inference",
-                               _connect={"returned": self._set_devices}, **_NO_AUTOSTART)
-        worker.start()
-        self._device_worker = worker
-
-    def _set_devices(self, available) -> None:
+    def _set_devices(self, available: dict) -> None:
         self.warmed_up = True  # devices probed and run-time imports done (benchmarks wait for it)
-        if isinstance(available, _engine.Failure):  # no torch?: leave CPU/auto only
-            log.warning("device probe failed: %s", available.error)
-            return
-        combo = self.gui.device_combo
-        for i in range(combo.count()):
-            key = combo.itemData(i)
-            combo.model().item(i).setEnabled(bool(available.get(key, False)))
 
     # -- models ------------------------------------------------------------------------------------
     def _fill_model_choices(self) -> None:

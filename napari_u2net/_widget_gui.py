@@ -20,8 +20,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-DEVICE_LABELS = {"auto": "auto (best available)", "cpu": "CPU", "cuda": "CUDA GPU", "mps": "Apple MPS"}
-
+from ._devices import device_combo
 
 class DomainSelectorGui(QWidget):
     """The controls of the domain selector, laid out top to bottom in the order they are used."""
@@ -61,10 +60,7 @@ class DomainSelectorGui(QWidget):
         outer.addWidget(domains_box, stretch=1)
 
         options = QFormLayout()
-        self.device_combo = QComboBox()
-        for key, label in DEVICE_LABELS.items():
-            self.device_combo.addItem(label, key)
-        self.device_combo.setToolTip("Devices this machine does not have are greyed out")
+        self.device_combo = device_combo()
         options.addRow("Device", self.device_combo)
         self.overlap_spin = QDoubleSpinBox()
         self.overlap_spin.setRange(0.0, 0.9)
