@@ -114,16 +114,14 @@ def openvino_available() -> bool:
     return True
 
 
-class OpenVINORunner:
-    """A domain's network compiled by OpenVINO for the CPU with a fixed batch and patch."""
+class StaticGraphRunner:
+    """A graph compiled for the CPU with a fixed batch and patch (subclasses run it in ``_run``)."""
 
     device = torch.device("cpu")
 
-    def __init__(self, compiled, batch_size: int, num_classes: int):
-        self.compiled = compiled
+    def __init__(self, batch_size: int, num_classes: int):
         self.batch_size = batch_size
         self.num_classes = num_classes
-        self._request = compiled.create_infer_request()
 
     def to_cpu(self) -> None:  # already there
         pass
@@ -132,11 +130,24 @@ class OpenVINORunner:
         b = tiles.shape[0]
         x = tiles.detach().to("cpu", torch.float32)
         if b < self.batch_size:  # the graph is static: pad the last, partial batch
-            pad = x.new_zeros((self.batch_size - b, *x.shape[1:]))
-            x = torch.cat([x, pad])
-        result = self._request.infer({0: x.contiguous().numpy()})
-        out = torch.from_numpy(result[self.compiled.output(0)].copy())
-        return out[:b]
+            x = torch.cat([x, x.new_zeros((self.batch_size - b, *x.shape[1:]))])
+        return self._run(x.contiguous())[:b]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OpenVINORunner(StaticGraphRunner):
+    """A domain's network compiled by OpenVINO."""
+
+    def __init__(self, compiled, batch_size: int, num_classes: int):
+        super().__init__(batch_size, num_classes)
+        self.compiled = compiled
+        self._request = compiled.create_infer_request()
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        result = self._request.infer({0: x.numpy()})
+        return torch.from_numpy(result[self.compiled.output(0)].copy())
 
 
 class _CompiledCache:
@@ -178,12 +189,14 @@ def _weights_key(net: nn.Module, domain: str) -> str:
     return h.hexdigest()
 
 
-def compile_openvino(net: nn.Module, domain: str, in_channels: int, patch_size, batch_size: int):
+def compile_openvino(net: nn.Module, domain: str, in_channels: int, patch_size, batch_size: int,
+                     weights_key: str | None = None):
     """Convert and compile one domain's network; returns an OpenVINO ``CompiledModel``."""
     import openvino as ov
 
     folder = compiled_dir() / "openvino"
-    ir = folder / f"{_graph_key(net, domain, patch_size, batch_size, 'openvino-' + ov.__version__)}.xml"
+    runtime = "openvino-" + ov.__version__
+    ir = folder / f"{_graph_key(net, domain, patch_size, batch_size, runtime, weights_key)}.xml"
     core = ov.Core()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -232,9 +245,11 @@ def compiled_dir() -> Path:
     return cache_dir() / "compiled"
 
 
-def _graph_key(net: nn.Module, domain: str, patch_size, batch_size: int, runtime: str) -> str:
-    """File name for one compiled graph: weights, domain, shapes, runtime and machine."""
-    parts = [_weights_key(net, domain), domain, "x".join(str(int(p)) for p in patch_size),
+def _graph_key(net: nn.Module, domain: str, patch_size, batch_size: int, runtime: str,
+               weights_key: str | None = None) -> str:
+    """File name for one compiled graph: weights (``weights_key`` when the caller hashed them
+    already), domain, shapes, runtime and machine."""
+    parts = [weights_key or _weights_key(net, domain), domain, "x".join(str(int(p)) for p in patch_size),
              str(batch_size), str(net.domain_config(domain).in_channels), runtime, platform.machine()]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:24]
 
@@ -244,10 +259,12 @@ def compiler_available() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c)
 
 
-def compile_aot(net: nn.Module, domain: str, patch_size, batch_size: int, folder: Path | None = None) -> Path:
+def compile_aot(net: nn.Module, domain: str, patch_size, batch_size: int, folder: Path | None = None,
+                weights_key: str | None = None) -> Path:
     """The domain's network as an AOTInductor package on disk (built once, then reused)."""
     folder = folder or compiled_dir()
-    path = folder / f"{_graph_key(net, domain, patch_size, batch_size, 'torch-' + torch.__version__)}.pt2"
+    runtime = "torch-" + torch.__version__
+    path = folder / f"{_graph_key(net, domain, patch_size, batch_size, runtime, weights_key)}.pt2"
     if path.is_file():
         return path
     if not compiler_available():
@@ -271,70 +288,59 @@ def compile_aot(net: nn.Module, domain: str, patch_size, batch_size: int, folder
     return path
 
 
-class CompiledRunner:
-    """An AOTInductor package for one domain: fixed batch and patch, CPU."""
-
-    device = torch.device("cpu")
+class CompiledRunner(StaticGraphRunner):
+    """An AOTInductor package for one domain."""
 
     def __init__(self, fn, batch_size: int, num_classes: int):
+        super().__init__(batch_size, num_classes)
         self.fn = fn
-        self.batch_size = batch_size
-        self.num_classes = num_classes
 
-    def to_cpu(self) -> None:  # already there
-        pass
-
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        b = tiles.shape[0]
-        x = tiles.detach().to("cpu", torch.float32)
-        if b < self.batch_size:  # the graph is static: pad the last, partial batch
-            x = torch.cat([x, x.new_zeros((self.batch_size - b, *x.shape[1:]))])
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = self.fn(x.contiguous())
+            out = self.fn(x)
         out = out[0] if isinstance(out, (list, tuple)) else out
-        return out[:b].float().contiguous()
+        return out.float().contiguous()
 
 
-def load_compiled(net: nn.Module, domain: str, patch_size, batch_size: int):
+def load_compiled(net: nn.Module, domain: str, patch_size, batch_size: int, weights_key: str | None = None):
     """Load (building it first if needed) the domain's package; a damaged file is rebuilt once."""
-    path = compile_aot(net, domain, patch_size, batch_size)
+    weights_key = weights_key or _weights_key(net, domain)
+    path = compile_aot(net, domain, patch_size, batch_size, weights_key=weights_key)
     try:
         return torch._inductor.aoti_load_package(str(path))
     except Exception as e:
         log.warning("compiled package %s could not be loaded (%s); compiling it again", path, e)
         path.unlink(missing_ok=True)
-        return torch._inductor.aoti_load_package(str(compile_aot(net, domain, patch_size, batch_size)))
+        return torch._inductor.aoti_load_package(str(compile_aot(net, domain, patch_size, batch_size,
+                                                                 weights_key=weights_key)))
 
 
 def make_runner(net: nn.Module, domain: str, backend: str, device: torch.device, *, amp: bool = True,
                 patch_size=None, batch_size: int = 1, channels_last: bool | None = None):
     """Build the runner for ``backend`` (see :data:`BACKENDS`); ``channels_last`` (torch only):
     None = on the CPU, which works on a copy of the network."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return TorchRunner(net, domain, device, amp=amp, channels_last=channels_last)
-    if backend == "compiled":
-        if device.type != "cpu":
-            raise InputError(f"the compiled backend runs on the CPU only; use --device cpu (not {device})")
-        config = net.domain_config(domain)
-        patch = tuple(int(p) for p in patch_size)
-        key = ("compiled", _weights_key(net, domain), domain, patch, batch_size)
-        try:
-            fn = COMPILED_CACHE.get(key, lambda: load_compiled(net, domain, patch, batch_size))
-        except Exception as e:  # no compiler, an unsupported op, a full disk: eager still works
-            log.warning("the compiled backend is unavailable (%s: %s); running eager PyTorch instead",
-                        type(e).__name__, e)
-            return TorchRunner(net, domain, device, amp=amp, channels_last=channels_last)
-        return CompiledRunner(fn, batch_size, config.num_classes)
+    label = {"compiled": "compiled", "openvino": "OpenVINO"}[backend]
+    if device.type != "cpu":
+        raise InputError(f"the {label} backend runs on the CPU only; use --device cpu (not {device})")
+    if backend == "openvino" and not openvino_available():
+        raise InputError(f"the OpenVINO backend is not installed; {OPENVINO_HINT}")
+    config = net.domain_config(domain)
+    patch = tuple(int(p) for p in patch_size)
+    weights = _weights_key(net, domain)  # hashed once: the in-memory and on-disk keys share it
+    key = (weights, domain, patch, batch_size)
     if backend == "openvino":
-        if device.type != "cpu":
-            raise InputError(f"the OpenVINO backend runs on the CPU only; use --device cpu (not {device})")
-        if not openvino_available():
-            raise InputError(f"the OpenVINO backend is not installed; {OPENVINO_HINT}")
-        config = net.domain_config(domain)
-        patch = tuple(int(p) for p in patch_size)
-        key = (_weights_key(net, domain), domain, patch, batch_size)
         compiled = OPENVINO_CACHE.get(
-            key, lambda: compile_openvino(net, domain, config.in_channels, patch, batch_size)
+            key, lambda: compile_openvino(net, domain, config.in_channels, patch, batch_size, weights)
         )
         return OpenVINORunner(compiled, batch_size, config.num_classes)
-    raise InputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    try:
+        fn = COMPILED_CACHE.get(key, lambda: load_compiled(net, domain, patch, batch_size, weights))
+    except Exception as e:  # no compiler, an unsupported op, a full disk: eager still works
+        log.warning("the compiled backend is unavailable (%s: %s); running eager PyTorch instead",
+                    type(e).__name__, e)
+        return TorchRunner(net, domain, device, amp=amp, channels_last=channels_last)
+    return CompiledRunner(fn, batch_size, config.num_classes)
