@@ -39,6 +39,16 @@ def reexec_under_xvfb() -> None:
     sys.exit(subprocess.call(cmd, env=env))
 
 
+def wait_until(app, cond, timeout: float, what: str) -> None:
+    """Run napari's event loop until ``cond()`` holds (shared by bench_ui_train)."""
+    t0 = time.perf_counter()
+    while not cond():
+        app.processEvents()
+        time.sleep(0.005)
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"{what}: timed out")
+
+
 def fallback_model(tmp: Path, domain: str, volume) -> Path:
     """A random model with one CT domain (used only when no bundled model is installed)."""
     import torch
@@ -110,12 +120,7 @@ def main() -> int:
     app = QApplication.instance()
 
     def wait(cond, timeout):
-        t0 = time.perf_counter()
-        while not cond():
-            app.processEvents()
-            time.sleep(0.005)
-            if time.perf_counter() - t0 > timeout:
-                raise TimeoutError("bench_ui: timed out")
+        wait_until(app, cond, timeout, "bench_ui")
 
     # the widget is ready: model loaded, devices probed, run-time imports done in the background
     wait(lambda: widget.model is not None and domain in widget.checked_domains() and widget.warmed_up, 120)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_ui import reexec_under_xvfb  # noqa: E402
+from bench_ui import reexec_under_xvfb, wait_until  # noqa: E402
 
 
 def grab(viewer, app, path: Path, width: int = 1100) -> None:
@@ -96,12 +96,7 @@ def main() -> int:
     app = QApplication.instance()
 
     def wait(cond, timeout):
-        t0 = time.perf_counter()
-        while not cond():
-            app.processEvents()
-            time.sleep(0.005)
-            if time.perf_counter() - t0 > timeout:
-                raise TimeoutError("bench_ui_train: timed out")
+        wait_until(app, cond, timeout, "bench_ui_train")
 
     # both panels ready: model loaded, devices probed, run-time imports done in the background
     wait(lambda: selector.model is not None and selector.warmed_up and panel.warmed_up, 120)
