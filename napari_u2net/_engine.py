@@ -8,6 +8,7 @@ inside the functions that need it, so importing this module (and opening the wid
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from training.errors import Cancelled, InputError, U2NetError
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # Building torch modules in two threads at once was seen to stall for minutes: one load at a time.
@@ -163,9 +166,7 @@ def probe_and_warm(kind: str = "inference") -> dict[str, bool]:
     try:
         warm_up(kind)
     except Exception as e:  # only a speed-up: the run itself reports real problems
-        import logging
-
-        logging.getLogger(__name__).warning("warm-up imports failed: %s", e)
+        log.warning("warm-up imports failed: %s", e)
     return devices
 
 

@@ -278,12 +278,13 @@ def load_adapter(path: Path, net: U2Net, trunk_hash: str) -> AdapterMeta:
         )
     if meta.domain in net.adapters:
         net.remove_domain(meta.domain)
-    with torch.device("meta"):
-        empty = DomainAdapter(net.arch, config)
-    _check_state(empty, state, path)
-    ref = next(net.trunk.parameters())
-    net.add_domain(meta.domain, config.in_channels, config.num_classes, pool_counts=config.pool_counts,
-                   state={k: v.to(ref.dtype) for k, v in state.items()})
+    try:  # built without random init; add_domain moves it to the trunk's device and dtype
+        net.add_domain(meta.domain, config.in_channels, config.num_classes, pool_counts=config.pool_counts,
+                       state=state)
+    except RuntimeError:  # the tensors do not fit the architecture: say which
+        with torch.device("meta"):
+            _check_state(DomainAdapter(net.arch, config), state, path)
+        raise
     return meta
 
 
