@@ -28,3 +28,25 @@ def test_recipe_writes_evaluated_half_precision_model(tmp_path, capsys):
     # Re-running reuses the data and replaces the model atomically.
     assert main(argv + ["--evaluate-only"]) == 0
     assert load_model(out).domains == ["hippocampus-mr"]
+
+
+def test_domain_size_scale_rewrites_that_domains_data_and_is_recorded(tmp_path, capsys):
+    import pytest
+
+    work = tmp_path / "work"
+    argv = [str(tmp_path / "m"), "--work", str(work), "--domains", "hippocampus-mr",
+            "--cases", "1", "--eval-cases", "1", "--iterations", "1", "--base-channels", "4",
+            "--levels", "3", "--size-scale", "0.3", "--device", "cpu"]
+    assert main(argv) == 0
+    doc = work / "data" / "train" / "hippocampus-mr" / "dataset.json"
+    assert json.loads(doc.read_text())["u2net"]["synth"]["size_scale"] == 0.3
+    assert main(argv + ["--evaluate-only", "--domain-size-scale", "hippocampus-mr=0.4"]) == 0
+    # the cached data were written at another scale: replaced, not silently reused
+    assert json.loads(doc.read_text())["u2net"]["synth"]["size_scale"] == 0.4
+    prov = load_model(tmp_path / "m").meta("hippocampus-mr").provenance
+    assert prov["recipe"]["domain_size_scale"] == {"hippocampus-mr": 0.4}
+    capsys.readouterr()
+    for bad in ("spleen-ct=2", "hippocampus-mr=big", "hippocampus-mr"):
+        with pytest.raises(SystemExit):
+            main(argv + ["--domain-size-scale", bad])
+        assert "--domain-size-scale" in capsys.readouterr().err

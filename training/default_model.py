@@ -25,7 +25,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SYNTH_DOMAINS = ["spleen-ct", "kidney-ct", "prostate-mr", "hippocampus-mr"]
@@ -41,6 +41,9 @@ class Recipe:
     cases: int = 16
     eval_cases: int = 6
     size_scale: float = 0.75
+    # per-domain voxel-count scale overriding size_scale (e.g. {"kidney-ct": 1.5}: a finer grid
+    # for small organs, whose Dice is limited by partial-volume voxels on the coarse grid)
+    domain_size_scale: dict[str, float] = field(default_factory=dict)
     mni_resolution_mm: float = 3.0
     iterations: int = 4000
     batch_size: int = 2
@@ -57,11 +60,19 @@ def _log(msg: str) -> None:
     print(f"[default-model {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _dataset_size(folder: Path) -> int | None:
+def _dataset_matches(folder: Path, cases: int, size_scale: float | None) -> bool:
+    """A complete dataset written before with these settings (``size_scale`` None: not synthetic)."""
     try:
-        return int(json.loads((folder / "dataset.json").read_text())["numTraining"])
-    except (OSError, ValueError, KeyError):
-        return None
+        doc = json.loads((folder / "dataset.json").read_text())
+        if int(doc["numTraining"]) != cases:
+            return False
+        return size_scale is None or float(doc["u2net"]["synth"]["size_scale"]) == float(size_scale)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def size_scale_of(recipe: Recipe, domain: str) -> float:
+    return float(recipe.domain_size_scale.get(domain, recipe.size_scale))
 
 
 def write_datasets(recipe: Recipe, work: Path) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -77,17 +88,18 @@ def write_datasets(recipe: Recipe, work: Path) -> tuple[dict[str, Path], dict[st
         ):
             folder = work / "data" / role / domain
             out[domain] = folder
-            if _dataset_size(folder) == n:
+            scale = None if domain == BRAIN_DOMAIN else size_scale_of(recipe, domain)
+            if _dataset_matches(folder, n, scale):
                 continue
             if folder.exists():
-                shutil.rmtree(folder)  # an interrupted write of our own work folder
-            _log(f"writing {role} data for {domain} ({n} cases)")
+                shutil.rmtree(folder)  # our own work folder: interrupted, or other settings
+            _log(f"writing {role} data for {domain} ({n} cases{'' if scale is None else f', size scale {scale}'})")
             if domain == BRAIN_DOMAIN:
                 write_mni152_dataset(folder, cases=n, seed=seed, resolution_mm=recipe.mni_resolution_mm,
                                      evaluation=role == "eval")
             else:
                 s = seed + EVAL_SEED_OFFSET if role == "eval" else seed
-                write_dataset(folder, domain, cases=n, seed=s, size_scale=recipe.size_scale)
+                write_dataset(folder, domain, cases=n, seed=s, size_scale=scale)
     return train, evaluation
 
 
@@ -169,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     for field_name in ("seed", "cases", "eval_cases", "iterations", "batch_size", "base_channels", "levels"):
         p.add_argument(f"--{field_name.replace('_', '-')}", type=int, default=getattr(d, field_name))
     p.add_argument("--size-scale", type=float, default=d.size_scale)
+    p.add_argument("--domain-size-scale", action="append", default=[], metavar="DOMAIN=SCALE",
+                   help="size scale for one synthetic domain (repeatable), e.g. kidney-ct=1.5")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--patch-size", type=int, nargs=3, default=None)
     p.add_argument("--max-patch", type=int, nargs=3, default=list(d.max_patch))
@@ -176,13 +190,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=d.device)
     p.add_argument("--domains", nargs="+", default=list(d.domains))
     args = p.parse_args(argv)
+    domain_scales = {}
+    for item in args.domain_size_scale:
+        name, sep, value = item.partition("=")
+        try:
+            domain_scales[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or name not in args.domains or name == BRAIN_DOMAIN:
+            p.error(f"--domain-size-scale {item!r}: expected SYNTHETIC_DOMAIN=SCALE with a domain of this "
+                    f"build ({', '.join(d for d in args.domains if d != BRAIN_DOMAIN)})")
     recipe = Recipe(
         seed=args.seed, cases=args.cases, eval_cases=args.eval_cases, size_scale=args.size_scale,
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
         base_channels=args.base_channels, levels=args.levels,
         patch_size=tuple(args.patch_size) if args.patch_size else None,
         max_patch=tuple(args.max_patch), mni_resolution_mm=args.mni_resolution_mm,
-        domains=tuple(args.domains), device=args.device,
+        domains=tuple(args.domains), device=args.device, domain_size_scale=domain_scales,
     )
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
