@@ -11,7 +11,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QSizePolicy,
     QSpinBox,
@@ -22,6 +21,7 @@ from qtpy.QtWidgets import (
 
 from ._devices import device_combo
 from ._plot import TrainingPlot
+from ._progress_bar import ProgressBar
 
 class PairRow(QWidget):
     """One (image layer, labels layer) training pair."""
@@ -131,7 +131,7 @@ class FineTuneGui(QWidget):
         buttons.addWidget(self.train_button)
         buttons.addWidget(self.stop_button)
         outer.addLayout(buttons)
-        self.progress_bar = QProgressBar()
+        self.progress_bar = ProgressBar()
         self.progress_bar.setRange(0, 1000)
         self.progress_bar.setFormat("idle")
         self.progress_bar.setTextVisible(True)

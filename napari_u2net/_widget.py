@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QVBoxLayout, QWidget
 
 from training.errors import InputError
@@ -31,6 +31,55 @@ log = logging.getLogger(__name__)
 PREVIOUS_SUFFIX = " (previous)"
 # Jobs return failures (see _engine.guarded) instead of raising; start them once wired up.
 _NO_AUTOSTART = {"_start_thread": False, "_ignore_errors": True}
+# napari's per-Labels-layer overlays (polygon tool, brush stroke): their vispy visuals are built
+# only once visible, and building them was about 60 % of inserting a result layer.
+_DEFERRED_OVERLAYS = ("polygon", "brush_stroke")
+
+
+def insert_layer_smoothly(viewer, index: int, layer) -> None:
+    """``viewer.layers.insert(index, layer)`` and select it, keeping each event-loop turn short.
+
+    Inserting a Labels layer held napari's GUI thread ≈ 90–140 ms on 2 cores: its vispy visual, its
+    layer controls, selecting it (which shows those controls) and its polygon/brush tool overlays.
+    Here the insertion runs without the tool overlays (napari builds an overlay's visual only once
+    it is visible) and without selecting the layer; the selection and each overlay follow on later
+    event-loop turns, so input and painting get their turn in between. This uses napari internals
+    (``LayerList._activate_on_insert``, ``Layer._overlays``); a napari without them gets a plain
+    insertion.
+    """
+    layers = viewer.layers
+    overlays = getattr(layer, "_overlays", None)
+    hidden = []
+    try:
+        for key in _DEFERRED_OVERLAYS:
+            overlay = overlays[key] if overlays is not None and key in overlays else None
+            if overlay is not None and overlay.visible:
+                overlay.visible = False
+                hidden.append(overlay)
+    except Exception:  # noqa: BLE001 - an unknown napari: no deferral
+        hidden = []
+    defer_selection = isinstance(getattr(layers, "_activate_on_insert", None), bool)
+    if defer_selection:
+        layers._activate_on_insert = False
+    try:
+        layers.insert(index, layer)
+    finally:
+        if defer_selection:
+            layers._activate_on_insert = True
+
+    def select() -> None:
+        if layer in layers:
+            layers.selection.active = layer
+
+    steps = ([select] if defer_selection else []) + [lambda o=o: setattr(o, "visible", True) for o in hidden]
+
+    def next_step() -> None:
+        steps.pop(0)()
+        if steps:
+            QTimer.singleShot(0, next_step)
+
+    if steps:
+        QTimer.singleShot(0, next_step)
 
 
 def _ensure_worker_threads(minimum: int = 6) -> None:
@@ -499,7 +548,7 @@ class DomainSelectorWidget(QWidget):
                     "info", f"kept the edited layer {name!r} as {old.name!r} (hidden); the new result replaces it"
                 )
         layer.name = name
-        self.viewer.layers.insert(index, layer)
+        insert_layer_smoothly(self.viewer, index, layer)
         return layer
 
     # -- messages -----------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListWidget,
-    QProgressBar,
     QPushButton,
     QSizePolicy,
     QVBoxLayout,
@@ -21,6 +20,8 @@ from qtpy.QtWidgets import (
 )
 
 from ._devices import device_combo
+from ._progress_bar import ProgressBar
+
 
 class DomainSelectorGui(QWidget):
     """The controls of the domain selector, laid out top to bottom in the order they are used."""
@@ -81,7 +82,7 @@ class DomainSelectorGui(QWidget):
         buttons.addWidget(self.cancel_button)
         outer.addLayout(buttons)
 
-        self.progress_bar = QProgressBar()
+        self.progress_bar = ProgressBar()
         self.progress_bar.setRange(0, 1000)
         self.progress_bar.setValue(0)
         self.progress_bar.setTextVisible(True)

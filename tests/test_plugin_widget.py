@@ -117,6 +117,48 @@ def test_run_adds_labels_with_exact_geometry_classes_and_colours(make_napari_vie
     assert labels.colormap.map(np.array([0]))[0][3] == 0  # background transparent
 
 
+def test_result_layer_tool_overlays_come_back_after_insertion(make_napari_viewer, qtbot, model_dir, messages):
+    """The polygon/brush overlays are hidden while the result is inserted (a shorter GUI freeze)
+    and shown again on later event-loop turns: the painting tools work on the result."""
+    viewer = make_napari_viewer()
+    viewer.add_image(blob_image(), name="scan")
+    widget = make_widget(viewer, qtbot, model_dir, ThresholdPredict())
+    widget.set_checked_domains(["ct"])
+    run_and_wait(widget, qtbot)
+    labels = viewer.layers["scan ct"]
+    overlays = [labels._overlays[k] for k in _widget._DEFERRED_OVERLAYS]
+    qtbot.waitUntil(lambda: all(o.visible for o in overlays), timeout=5000)
+    assert viewer.layers.selection.active is labels  # selected on a later turn, as napari would
+    visuals = viewer.window._qt_viewer.canvas._layer_overlay_to_visual[labels]
+    assert all(o in visuals for o in overlays)  # napari built their vispy visuals
+    labels.mode = "polygon"
+    assert labels._overlays["polygon"].enabled
+
+
+def test_progress_bar_paints_later_not_inside_set_value(qtbot):
+    """QProgressBar.setValue repaints at once (in napari: the whole GL window); ours queues it."""
+    from napari_u2net._progress_bar import ProgressBar
+
+    class Counting(ProgressBar):
+        paints = 0
+
+        def paintEvent(self, event):  # noqa: N802
+            Counting.paints += 1
+            super().paintEvent(event)
+
+    bar = Counting()
+    bar.setRange(0, 100)
+    qtbot.addWidget(bar)
+    bar.show()
+    qtbot.waitExposed(bar)
+    qtbot.wait(50)
+    before = Counting.paints
+    bar.setValue(60)
+    assert bar.value() == 60 and bar.updatesEnabled()
+    assert Counting.paints == before  # no synchronous repaint
+    qtbot.waitUntil(lambda: Counting.paints > before, timeout=2000)  # ...but it is painted
+
+
 def _rgb(hex_color: str):
     h = hex_color.lstrip("#")
     return [int(h[i : i + 2], 16) / 255 for i in (0, 2, 4)]
