@@ -98,6 +98,8 @@ def main() -> int:
     parser.add_argument("--screenshot", type=Path, help="folder to save PNG screenshots of the widget and result")
     parser.add_argument("--size-scale", type=float, default=1.0, help="synthetic volume size factor")
     parser.add_argument("--timeout", type=float, default=400.0)
+    parser.add_argument("--tail", type=float, default=0.5,
+                        help="seconds the heartbeat goes on after the run (the result layer's deferred set-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the run (default: cores - 1)")
     args = parser.parse_args()
     reexec_under_xvfb()
@@ -180,7 +182,7 @@ def main() -> int:
     # keep the heartbeat going a little: the widget finishes setting up the result layer on later
     # event-loop turns (its tool overlays), and the first paint of the result comes after the run
     t_end = time.perf_counter()
-    wait(lambda: time.perf_counter() - t_end > float(os.environ.get("TAIL", 0.5)), 10)
+    wait(lambda: time.perf_counter() - t_end > args.tail, 10)
     timer.stop()
     layer_name = f"{image.name} {domain}"
     ok = layer_name in viewer.layers
