@@ -69,7 +69,11 @@ class DomainSelectorGui(QWidget):
         self.overlap_spin.setValue(0.5)
         self.overlap_spin.setToolTip("Fraction by which neighbouring tiles overlap (more = smoother, slower)")
         options.addRow("Tile overlap", self.overlap_spin)
-        self.postprocess_check = QCheckBox("keep the largest component per class")
+        self.postprocess_check = QCheckBox("remove stray islands")
+        self.postprocess_check.setToolTip(
+            "Keep each class's usual number of connected pieces (from its training labels, e.g. both "
+            "kidneys) and drop small islands elsewhere"
+        )
         self.postprocess_check.setChecked(True)
         options.addRow("Clean-up", self.postprocess_check)
         outer.addLayout(options)

@@ -66,6 +66,7 @@ def test_adapting_learns_a_new_domain_and_leaves_old_ones_bit_identical(base_mod
     meta = model.meta("dark")
     assert meta.provenance["init_from"] in ("bright", "bright2") and meta.provenance["iterations"] == 100
     assert meta.normalization[0]["scheme"] == "ct" and meta.class_names == ["background", "ball"]
+    assert meta.components == [0, 1]  # learned from the dense labels: one ball per case
     for k, v in net0.state_dict().items():
         assert torch.equal(model.net.state_dict()[k], v), k
     # The adapter learned: raw image in, labels out (through the full inference path).

@@ -18,7 +18,7 @@ from training.errors import Cancelled, InputError
 from training.inference import InferenceConfig, predict, predict_files
 from training.modelfile import Model, TrunkMeta, make_classes
 from training.network import ArchConfig, DomainConfig
-from training.postprocess import keep_largest_component
+from training.postprocess import component_counts, keep_largest_components
 from training.resample import canonical_orientation, reorient_affine, reorient_array, undo_reorient_array
 from training.sliding_window import (
     InferenceProgress,
@@ -328,14 +328,53 @@ def test_small_and_constant_volumes_work():
     assert labels.shape == (12, 30, 20)
 
 
-def test_keep_largest_component_per_class():
+def test_keep_largest_components_per_class():
     labels = np.zeros((10, 10, 10), dtype=np.uint8)
     labels[1:4, 1:4, 1:4] = 1  # 27 voxels: kept
-    labels[7, 7, 7] = 1  # a stray island: removed
+    labels[1:3, 6:9, 6:9] = 1  # 18 voxels: the second largest
+    labels[7, 7, 7] = 1  # a stray island
     labels[6:9, 1:3, 1:3] = 2  # class 2, single component: kept
-    out = keep_largest_component(labels.copy(), 3)
-    assert out[7, 7, 7] == 0
-    assert (out == 1).sum() == 27 and (out == 2).sum() == 12
+    one = keep_largest_components(labels.copy(), [0, 1, 1])
+    assert (one == 1).sum() == 27 and (one == 2).sum() == 12
+    two = keep_largest_components(labels.copy(), [0, 2, 1])  # e.g. both kidneys
+    assert (two == 1).sum() == 27 + 18 and two[7, 7, 7] == 0
+    assert (keep_largest_components(labels.copy(), [0, 0, 0]) == labels).all()  # 0: keep all
+
+
+def _blobs(*boxes, shape=(12, 12, 12), value=1):
+    lab = np.zeros(shape, dtype=np.uint8)
+    for box in boxes:
+        lab[box] = value
+    return lab
+
+
+def test_component_counts_learn_the_usual_number_from_training_labels():
+    left, right, speck = np.s_[2:6, 1:5, 2:6], np.s_[2:6, 7:11, 2:6], np.s_[10, 10, 10]
+    two_kidneys = _blobs(left, right)
+    two_kidneys[speck] = 1  # < 10 % of the largest component: a speck of the labelling, not an organ
+    tumour = two_kidneys.copy()
+    tumour[3:5, 2:4, 3:5] = 2
+    assert component_counts([two_kidneys, _blobs(left)], 2) == [0, 2]  # the most any case has
+    assert component_counts([tumour], 3) == [0, 2, 1]
+    assert component_counts([two_kidneys], 3) == [0, 2, 0]  # class 2 never seen: keep all
+    many = _blobs(*[np.s_[1:3, 1:3, k:k + 2] for k in range(0, 12, 3)] + [np.s_[5:7, 1:3, 1:3]])
+    assert component_counts([many], 2) == [0, 0]  # 5 lesions > MAX_KEPT: keep all
+    sparse = two_kidneys.copy()
+    sparse[7:] = 255  # a few labelled slices: no 3D connectivity to learn from
+    assert component_counts([sparse], 2) == [0, 1]  # default: one per class
+    assert component_counts([sparse, _blobs(left, right)], 2) == [0, 2]  # dense cases decide
+
+
+def test_prediction_keeps_the_domains_number_of_components():
+    """A domain whose labels have two organs per class (kidneys) keeps both after post-processing;
+    a model file written without the counts keeps the largest only, as before."""
+    data = _blobs(np.s_[2:8, 2:8, 2:8], np.s_[2:7, 12:17, 2:7], shape=(10, 20, 10)).astype(np.float32)[None]
+    volume = Volume(data, np.eye(4))
+    model = threshold_model((1.0, 1.0, 1.0))
+    assert model.meta("cube").components is None
+    assert (predict(model, volume, ["cube"], CPU)["cube"] == 1).sum() == 6**3
+    model.meta("cube").components = [0, 2]
+    assert (predict(model, volume, ["cube"], CPU)["cube"] == 1).sum() == 6**3 + 5**3
 
 
 # -- bad input ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ def _outputs(net, shape=(1, 8, 12, 12)):
 def test_round_trip_is_exact(tmp_path):
     net = small_net(seed=2)
     metas = {n: adapter_meta(net, n, spacing=[2.5, 0.8, 0.8], patch_size=[16, 32, 32]) for n in net.domains}
+    metas["mr2"].components = [0, 2, 1]
     save_model(tmp_path / "m", net, metas, provenance={"seed": 2})
     model = load_model(tmp_path / "m")
     assert model.domains == ["ct", "mr2"]
@@ -42,6 +43,8 @@ def test_round_trip_is_exact(tmp_path):
     m = model.meta("mr2")
     assert m.modalities == ["CT0", "CT1"] and m.class_names == ["background", "class1", "class2"]
     assert m.spacing == [2.5, 0.8, 0.8] and m.patch_size == [16, 32, 32]
+    assert m.kept_components == [0, 2, 1] and model.meta("ct").components is None
+    assert model.meta("ct").kept_components == [0, 1]  # written without counts: one per class
     assert m.trunk_hash == model.trunk.trunk_hash == weights_hash(net.trunk.state_dict())
     assert model.trunk.provenance == {"seed": 2}
     assert all(c.color.startswith("#") for c in m.classes)

@@ -171,3 +171,14 @@ def test_cli_train_evaluate_predict(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dataset.json" in err[0]
     assert not (tmp_path / "m2").exists()
+
+
+def test_domain_from_dataset_learns_how_many_components_each_class_keeps(tmp_path):
+    """Both kidneys carry one label: post-processing must keep two components, not one."""
+    from training.synth import write_dataset
+    from training.training_run import domain_from_dataset
+
+    ds_dir = write_dataset(tmp_path / "kid", "kidney-ct", 2, 0, size_scale=0.5)
+    data = domain_from_dataset(ds_dir, cache_dir=tmp_path / "cache")
+    assert data.meta.class_names == ["background", "kidney", "tumour"]
+    assert data.meta.components == [0, 2, 1]

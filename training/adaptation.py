@@ -221,6 +221,8 @@ def adapt_domain(
     top = max(int(np.max(c.label[c.label != config.ignore_index], initial=0)) for c in arrays)
     if top >= len(class_names):
         raise InputError(f"labels go up to {top} but only {len(class_names)} class names were given")
+    from .postprocess import component_counts
+
     patch = config.patch_size or default_patch(arrays[0].label.shape)
     channels = arrays[0].image.shape[0]
     meta = AdapterMeta(
@@ -232,6 +234,7 @@ def adapt_domain(
         normalization=specs,
         modality=modality,
         description=f"fine-tuned from {len(arrays)} annotated image(s)",
+        components=component_counts((c.label for c in arrays), len(class_names), config.ignore_index),
         provenance={"source": "in-memory annotations", "cases": len(arrays)},
     )
     val = []

@@ -23,7 +23,7 @@ from .backends import BACKENDS, make_runner
 from .devices import default_batch_size, resolve_device
 from .errors import InputError
 from .normalization import normalize
-from .postprocess import keep_largest_component
+from .postprocess import keep_largest_components
 from .resample import (
     canonical_orientation,
     needs_resampling,
@@ -58,7 +58,7 @@ class InferenceConfig:
     device: str = "auto"  # auto (CUDA > MPS > CPU) | cpu | cuda | cuda:N | mps
     overlap: float = 0.5
     batch_size: int | None = None  # tiles per batch; None = sensible default per device
-    postprocess: bool = True  # keep the largest connected component per class
+    postprocess: bool = True  # keep each class's usual number of connected components (the domain's)
     backend: str = "torch"  # "torch" | "openvino" (CPU only, optional extra)
     amp: bool = True  # mixed precision on CUDA only; never bf16 on CPU
 
@@ -203,7 +203,7 @@ def predict(
             if config.postprocess:
                 check_cancel(cancel)
                 report(d, total, total, "postprocess")
-                keep_largest_component(labels, meta.num_classes)
+                keep_largest_components(labels, meta.kept_components)
             results[d] = labels
             report(d, total, total, "done")
         del image

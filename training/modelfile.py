@@ -66,6 +66,9 @@ class AdapterMeta:
     normalization: list[dict] = field(default_factory=list)  # one per modality
     modality: str = "CT"  # "CT" or "MR": what the user picks a domain by
     description: str = ""
+    # per class, how many of its largest connected components post-processing keeps (0: all),
+    # learned from the training labels (e.g. 2 for both kidneys); None: one per class (older files)
+    components: list[int] | None = None
     trunk_hash: str = ""
     provenance: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -81,6 +84,14 @@ class AdapterMeta:
     @property
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    @property
+    def kept_components(self) -> list[int]:
+        from .postprocess import default_counts
+
+        if self.components is not None and len(self.components) == self.num_classes:
+            return [int(n) for n in self.components]
+        return default_counts(self.num_classes)
 
     def domain_config(self) -> DomainConfig:
         pools = tuple(self.pool_counts) if self.pool_counts is not None else None

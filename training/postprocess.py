@@ -1,31 +1,76 @@
-"""Label clean-up after the argmax."""
+"""Label clean-up after the argmax: keep each class's usual number of connected components."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 from scipy import ndimage
 
+_STRUCTURE = np.ones((3, 3, 3), dtype=bool)
+# Components smaller than this share of the class's largest one (in that case) are specks of the
+# labelling, not another organ; more than MAX_KEPT components means "many lesions": keep all.
+MIN_SHARE = 0.1
+MAX_KEPT = 4
 
-def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Per foreground class keep only its largest 26-connected component (in place).
+
+def default_counts(num_classes: int) -> list[int]:
+    """One component per foreground class: the rule for model files without learned counts."""
+    return [0] + [1] * (num_classes - 1)
+
+
+def component_counts(labels: Iterable[np.ndarray], num_classes: int, ignore_index: int | None = 255) -> list[int]:
+    """How many connected components of each class post-processing should keep, from training labels.
+
+    Per class: the most components that any case has (ignoring specks under ``MIN_SHARE`` of
+    the largest), e.g. 2 for "kidney" when both kidneys carry one label; 0 (keep all) for a class
+    with more than ``MAX_KEPT`` components or never seen. Entry 0 (background) is always 0. Cases
+    with unlabelled voxels (``ignore_index``, e.g. a few annotated slices) say nothing about 3D
+    connectivity and are skipped; with no dense case at all the result is :func:`default_counts`.
+    """
+    most = [0] * num_classes
+    dense = 0
+    for lab in labels:
+        lab = np.asarray(lab)
+        if ignore_index is not None and np.any(lab == ignore_index):
+            continue
+        dense += 1
+        for c in range(1, num_classes):
+            mask = lab == c
+            if not mask.any():
+                continue
+            comp, n = ndimage.label(mask, structure=_STRUCTURE)
+            sizes = np.bincount(comp.ravel())[1:]
+            most[c] = max(most[c], int((sizes >= MIN_SHARE * sizes.max()).sum()))
+    if not dense:
+        return default_counts(num_classes)
+    return [0] + [n if 0 < n <= MAX_KEPT else 0 for n in most[1:]]
+
+
+def keep_largest_components(labels: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Per foreground class ``c`` keep its ``counts[c]`` largest 26-connected components (in place;
+    0: keep all).
 
     Stray false-positive islands far from the organ are the most common error of patch-based
     networks; the removed voxels become background. Components are labelled inside the class's
     bounding box only, so the cost follows the organ's size, not the volume's.
     """
-    structure = np.ones((3, 3, 3), dtype=bool)
-    for c in range(1, num_classes):
+    for c in range(1, len(counts)):
+        keep = int(counts[c])
+        if keep <= 0:
+            continue
         mask = labels == c
         boxes = ndimage.find_objects(mask.astype(np.uint8))
         if not boxes or boxes[0] is None:
             continue
         box = boxes[0]
         sub = mask[box]
-        comp, n = ndimage.label(sub, structure=structure)
-        if n <= 1:
+        comp, n = ndimage.label(sub, structure=_STRUCTURE)
+        if n <= keep:
             continue
         sizes = np.bincount(comp.ravel())
         sizes[0] = 0
-        drop = sub & (comp != sizes.argmax())
+        kept = np.argsort(sizes)[::-1][:keep]
+        drop = sub & ~np.isin(comp, kept)
         labels[box][drop] = 0
     return labels

@@ -46,6 +46,9 @@ def domain_from_dataset(
     patch = tuple(int(p) for p in (patch_size or plan.patch_size))
     class_names = list(plan.class_names or ds.class_names)
     colors = list(getattr(ds, "colors", None) or []) or None
+    from .postprocess import component_counts
+
+    train_cases = [cases[i] for i in train_ids]
     meta = AdapterMeta(
         domain=domain_name(name or getattr(ds, "domain", "") or ds.name),
         modalities=list(ds.modalities),
@@ -55,9 +58,10 @@ def domain_from_dataset(
         normalization=list(plan.normalization),
         modality=str(plan.modality),
         description=f"trained on {ds.name} ({len(train_ids)} training cases)",
+        components=component_counts((c.label for c in train_cases if c.label is not None), len(class_names)),
         provenance={"dataset": str(Path(root).resolve())},
     )
-    return DomainData(meta, [cases[i] for i in train_ids], [cases[i] for i in val_ids])
+    return DomainData(meta, train_cases, [cases[i] for i in val_ids])
 
 
 def provenance(config: TrainConfig, done: int, metrics: dict, extra: dict | None = None) -> dict:

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "domain and patch and kept on disk: the first run takes minutes, later runs are faster); "
                         "openvino (CPU only; pip install napari-u2net[openvino])")
     p.add_argument("--no-postprocess", action="store_true",
-                   help="keep every connected component (default: largest one per class)")
+                   help="keep every connected component (default: each class keeps as many as its training labels had)")
     p.add_argument("--no-amp", action="store_true", help="full float32 on the GPU")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
