@@ -138,6 +138,9 @@ class FineTuneGui(QWidget):
         outer.addWidget(self.progress_bar)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
+        # room for three lines from the start: a longer message then does not resize the dock (and
+        # with it napari's canvas, a full repaint) at the Train click
+        self.status_label.setMinimumHeight(3 * self.status_label.fontMetrics().lineSpacing())
         outer.addWidget(self.status_label)
         self.plot = TrainingPlot(self)
         outer.addWidget(self.plot)

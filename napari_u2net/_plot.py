@@ -60,7 +60,7 @@ class TrainingPlot(FigureCanvasQTAgg):
         self._update_lines()
         if self._background is not None and (self.ax.get_xlim(), self.ax.get_ylim()) == limits:
             self.restore_region(self._background)  # same axes: no full redraw (a freeze on a busy CPU)
-            self.blit(self.figure.bbox)
+            self.update()  # painted with the next frame; blit() would repaint the window right here
             return
         self.ax.set_xlim(*limits[0])
         self.ax.set_ylim(*limits[1])
@@ -113,4 +113,4 @@ class TrainingPlot(FigureCanvasQTAgg):
             return
         self.restore_region(self._background)
         self._draw_lines()
-        self.blit(self.figure.bbox)
+        self.update()  # queued paint of the updated buffer (matplotlib's blit() repaints synchronously)
