@@ -23,6 +23,7 @@ from ._devices import device_combo
 from ._plot import TrainingPlot
 from ._progress_bar import ProgressBar
 
+
 class PairRow(QWidget):
     """One (image layer, labels layer) training pair."""
 

@@ -32,7 +32,7 @@ PREVIOUS_SUFFIX = " (previous)"
 # Jobs return failures (see _engine.guarded) instead of raising; start them once wired up.
 _NO_AUTOSTART = {"_start_thread": False, "_ignore_errors": True}
 # napari's per-Labels-layer overlays (polygon tool, brush stroke): their vispy visuals are built
-# only once visible, and building them was about 60 % of inserting a result layer.
+# only once visible, and building them was about half of inserting a result layer.
 _DEFERRED_OVERLAYS = ("polygon", "brush_stroke")
 
 

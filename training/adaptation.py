@@ -24,6 +24,7 @@ from .errors import InputError, U2NetError
 from .losses import IGNORE_INDEX
 from .modelfile import AdapterMeta, Model, adapter_path, load_model, make_classes, save_adapter
 from .network import pool_counts_for_patch
+from .postprocess import component_counts
 from .sampling import ArrayCase
 from .volume import Volume
 from .trainer import DomainData, TrainConfig, TrainReport, run_training
@@ -221,8 +222,6 @@ def adapt_domain(
     top = max(int(np.max(c.label[c.label != config.ignore_index], initial=0)) for c in arrays)
     if top >= len(class_names):
         raise InputError(f"labels go up to {top} but only {len(class_names)} class names were given")
-    from .postprocess import component_counts
-
     patch = config.patch_size or default_patch(arrays[0].label.shape)
     channels = arrays[0].image.shape[0]
     meta = AdapterMeta(

@@ -192,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     domain_scales = {}
     for item in args.domain_size_scale:
-        name, sep, value = item.partition("=")
+        name, _, value = item.partition("=")
         try:
-            domain_scales[name] = float(value)
+            scale = float(value)
         except ValueError:
-            sep = ""
-        if not sep or name not in args.domains or name == BRAIN_DOMAIN:
+            scale = None
+        if scale is None or name not in args.domains or name == BRAIN_DOMAIN:
             p.error(f"--domain-size-scale {item!r}: expected SYNTHETIC_DOMAIN=SCALE with a domain of this "
                     f"build ({', '.join(d for d in args.domains if d != BRAIN_DOMAIN)})")
+        domain_scales[name] = scale
     recipe = Recipe(
         seed=args.seed, cases=args.cases, eval_cases=args.eval_cases, size_scale=args.size_scale,
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,

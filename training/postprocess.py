@@ -14,12 +14,27 @@ MIN_SHARE = 0.1
 MAX_KEPT = 4
 
 
+def _components(mask: np.ndarray):
+    """26-connected components of ``mask`` inside its bounding box (the cost follows the object's
+    size, not the volume's): ``(box, component labels, sizes)`` with ``sizes[0]`` = 0, or None."""
+    boxes = ndimage.find_objects(mask.astype(np.uint8))
+    if not boxes or boxes[0] is None:
+        return None
+    box = boxes[0]
+    comp, _ = ndimage.label(mask[box], structure=_STRUCTURE)
+    sizes = np.bincount(comp.ravel())
+    sizes[0] = 0
+    return box, comp, sizes
+
+
 def default_counts(num_classes: int) -> list[int]:
     """One component per foreground class: the rule for model files without learned counts."""
     return [0] + [1] * (num_classes - 1)
 
 
-def component_counts(labels: Iterable[np.ndarray], num_classes: int, ignore_index: int | None = 255) -> list[int]:
+def component_counts(
+    labels: Iterable[np.ndarray], num_classes: int, ignore_index: int | None = 255  # training.losses.IGNORE_INDEX
+) -> list[int]:
     """How many connected components of each class post-processing should keep, from training labels.
 
     Per class: the most components that any case has (ignoring specks under ``MIN_SHARE`` of
@@ -36,11 +51,10 @@ def component_counts(labels: Iterable[np.ndarray], num_classes: int, ignore_inde
             continue
         dense += 1
         for c in range(1, num_classes):
-            mask = lab == c
-            if not mask.any():
+            found = _components(lab == c)
+            if found is None:
                 continue
-            comp, n = ndimage.label(mask, structure=_STRUCTURE)
-            sizes = np.bincount(comp.ravel())[1:]
+            sizes = found[2][1:]
             most[c] = max(most[c], int((sizes >= MIN_SHARE * sizes.max()).sum()))
     if not dense:
         return default_counts(num_classes)
@@ -52,25 +66,19 @@ def keep_largest_components(labels: np.ndarray, counts: list[int]) -> np.ndarray
     0: keep all).
 
     Stray false-positive islands far from the organ are the most common error of patch-based
-    networks; the removed voxels become background. Components are labelled inside the class's
-    bounding box only, so the cost follows the organ's size, not the volume's.
+    networks; the removed voxels become background.
     """
     for c in range(1, len(counts)):
         keep = int(counts[c])
         if keep <= 0:
             continue
-        mask = labels == c
-        boxes = ndimage.find_objects(mask.astype(np.uint8))
-        if not boxes or boxes[0] is None:
+        found = _components(labels == c)
+        if found is None:
             continue
-        box = boxes[0]
-        sub = mask[box]
-        comp, n = ndimage.label(sub, structure=_STRUCTURE)
-        if n <= keep:
+        box, comp, sizes = found
+        if len(sizes) - 1 <= keep:
             continue
-        sizes = np.bincount(comp.ravel())
-        sizes[0] = 0
         kept = np.argsort(sizes)[::-1][:keep]
-        drop = sub & ~np.isin(comp, kept)
+        drop = (comp > 0) & ~np.isin(comp, kept)
         labels[box][drop] = 0
     return labels

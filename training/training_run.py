@@ -18,8 +18,10 @@ import torch
 from .datasets import domain_name
 from .distributed import DistInfo
 from .errors import U2NetError
+from .losses import IGNORE_INDEX
 from .modelfile import AdapterMeta, make_classes, save_model
 from .network import ArchConfig, DomainConfig, U2Net, pool_counts_for_patch
+from .postprocess import component_counts
 from .trainer import DomainData, TrainConfig, TrainReport, run_training
 
 WORK_SUBDIR = "training"
@@ -46,8 +48,6 @@ def domain_from_dataset(
     patch = tuple(int(p) for p in (patch_size or plan.patch_size))
     class_names = list(plan.class_names or ds.class_names)
     colors = list(getattr(ds, "colors", None) or []) or None
-    from .postprocess import component_counts
-
     train_cases = [cases[i] for i in train_ids]
     meta = AdapterMeta(
         domain=domain_name(name or getattr(ds, "domain", "") or ds.name),
@@ -58,7 +58,8 @@ def domain_from_dataset(
         normalization=list(plan.normalization),
         modality=str(plan.modality),
         description=f"trained on {ds.name} ({len(train_ids)} training cases)",
-        components=component_counts((c.label for c in train_cases if c.label is not None), len(class_names)),
+        components=component_counts((c.label for c in train_cases if c.label is not None), len(class_names),
+                                    IGNORE_INDEX),
         provenance={"dataset": str(Path(root).resolve())},
     )
     return DomainData(meta, train_cases, [cases[i] for i in val_ids])
