@@ -30,7 +30,7 @@ def test_recipe_writes_evaluated_half_precision_model(tmp_path, capsys):
     assert load_model(out).domains == ["hippocampus-mr"]
 
 
-def test_domain_size_scale_rewrites_that_domains_data_and_is_recorded(tmp_path, capsys):
+def test_per_domain_size_scale_and_weight_are_applied_and_recorded(tmp_path, capsys):
     import pytest
 
     work = tmp_path / "work"
@@ -50,3 +50,13 @@ def test_domain_size_scale_rewrites_that_domains_data_and_is_recorded(tmp_path, 
         with pytest.raises(SystemExit):
             main(argv + ["--domain-size-scale", bad])
         assert "--domain-size-scale" in capsys.readouterr().err
+    # a resumed stage with a domain weight: trained on, and the weight is in the provenance
+    assert main(argv + ["--resume", "--iterations", "3", "--domain-size-scale", "hippocampus-mr=0.4",
+                        "--domain-weight", "hippocampus-mr=2"]) == 0
+    prov = load_model(tmp_path / "m").meta("hippocampus-mr").provenance
+    assert prov["recipe"]["domain_weights"] == {"hippocampus-mr": 2} and prov["iterations"] == 3
+    capsys.readouterr()
+    for bad in ("spleen-ct=2", "hippocampus-mr=0", "hippocampus-mr"):
+        with pytest.raises(SystemExit):
+            main(argv + ["--domain-weight", bad])
+        assert "--domain-weight" in capsys.readouterr().err

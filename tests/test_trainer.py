@@ -14,7 +14,7 @@ from training.modelfile import load_model
 from training.network import ArchConfig
 from training.sampling import ArrayCase
 from training.sliding_window import sliding_window
-from training.trainer import TrainConfig, consume
+from training.trainer import TrainConfig, consume, domain_cycle
 from training.training_run import WORK_SUBDIR, train_model
 from tests.training_data import ball_case, ball_domain
 
@@ -85,6 +85,26 @@ def test_round_robin_leaves_other_adapters_alone_each_step(tmp_path):
     # iteration 3 trains domain a (round-robin a, b, a): b untouched, a changed
     assert all(torch.equal(seen[2][k], seen[3][k]) for k in b_keys)
     assert any(not torch.equal(seen[2][k], seen[3][k]) for k in a_keys)
+
+
+def test_domain_cycle_spreads_a_weighted_domain_evenly():
+    assert domain_cycle(["a", "b", "c"], {}) == ["a", "b", "c"]  # unweighted: plain round-robin
+    cycle = domain_cycle(["s", "k", "p", "h", "m"], {"k": 3})
+    assert sorted(cycle) == sorted(["s", "p", "h", "m"] + ["k"] * 3)
+    assert cycle == ["k", "s", "p", "k", "h", "m", "k"]  # never more than two turns in a row
+    with pytest.raises(U2NetError, match="'x', which is not trained here"):
+        domain_cycle(["a", "b"], {"x": 2})
+    with pytest.raises(U2NetError, match="whole number"):
+        TrainConfig(domain_weights={"a": 0})
+
+
+def test_weighted_domain_gets_its_share_of_iterations(tmp_path):
+    cfg = TrainConfig(iterations=8, lr=1e-2, device="cpu", checkpoint_every=0, domain_weights={"b": 3})
+    reports = list(train_model([ball_domain("a", 1, 0), ball_domain("b", 1, 0, seed=1)], tmp_path / "m",
+                               cfg, ARCH))
+    assert [r.domain for r in reports] == ["b", "a", "b", "b"] * 2
+    rows = list(csv.DictReader(open(tmp_path / "m" / WORK_SUBDIR / "log.csv")))
+    assert [r["domain"] for r in rows] == ["b", "a", "b", "b"] * 2
 
 
 def test_sparse_labels_train_on_five_slices(tmp_path):
@@ -171,6 +191,16 @@ def test_cli_train_evaluate_predict(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dataset.json" in err[0]
     assert not (tmp_path / "m2").exists()
+
+    # a weight for a domain that is not trained: named with the domains there are, nothing written
+    assert main(["train", str(ds_dir), "-o", str(tmp_path / "m3"), "--cache", str(tmp_path / "c"),
+                 "--domain-weight", "liver=2", *TINY_TRAIN_ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'liver', which is not trained here" in err[0] and domain in err[0]
+    assert main(["train", str(ds_dir), "-o", str(tmp_path / "m3"), "--domain-weight", f"{domain}=x",
+                 *TINY_TRAIN_ARGS]) == 2
+    assert "expected DOMAIN=N" in capsys.readouterr().err
+    assert not (tmp_path / "m3").exists()
 
 
 def test_domain_from_dataset_learns_how_many_components_each_class_keeps(tmp_path):

@@ -44,6 +44,8 @@ class Recipe:
     # per-domain voxel-count scale overriding size_scale (e.g. {"kidney-ct": 1.5}: a finer grid
     # for small organs, whose Dice is limited by partial-volume voxels on the coarse grid)
     domain_size_scale: dict[str, float] = field(default_factory=dict)
+    # iterations per round-robin cycle for some domains (default 1): more for the hardest one
+    domain_weights: dict[str, int] = field(default_factory=dict)
     mni_resolution_mm: float = 3.0
     iterations: int = 4000
     batch_size: int = 2
@@ -116,6 +118,7 @@ def train(recipe: Recipe, datasets: dict[str, Path], model_dir: Path, resume: bo
         seed=recipe.seed,
         device=recipe.device,
         checkpoint_every=200,
+        domain_weights=dict(recipe.domain_weights),
     )
     domains = [domain_from_dataset(datasets[d], name=d, max_val_cases=2) for d in recipe.domains]
     for d in domains:
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-scale", type=float, default=d.size_scale)
     p.add_argument("--domain-size-scale", action="append", default=[], metavar="DOMAIN=SCALE",
                    help="size scale for one synthetic domain (repeatable), e.g. kidney-ct=1.5")
+    p.add_argument("--domain-weight", action="append", default=[], metavar="DOMAIN=N",
+                   help="train DOMAIN N times per round-robin cycle instead of once (repeatable)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--patch-size", type=int, nargs=3, default=None)
     p.add_argument("--max-patch", type=int, nargs=3, default=list(d.max_patch))
@@ -201,6 +206,16 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--domain-size-scale {item!r}: expected SYNTHETIC_DOMAIN=SCALE with a domain of this "
                     f"build ({', '.join(d for d in args.domains if d != BRAIN_DOMAIN)})")
         domain_scales[name] = scale
+    from .errors import U2NetError
+    from .trainer import parse_domain_weights
+
+    try:
+        domain_weights = parse_domain_weights(args.domain_weight)
+    except U2NetError as e:
+        p.error(str(e))
+    unknown = sorted(set(domain_weights) - set(args.domains))
+    if unknown:
+        p.error(f"--domain-weight for {', '.join(unknown)}: not a domain of this build ({', '.join(args.domains)})")
     recipe = Recipe(
         seed=args.seed, cases=args.cases, eval_cases=args.eval_cases, size_scale=args.size_scale,
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
@@ -208,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         patch_size=tuple(args.patch_size) if args.patch_size else None,
         max_patch=tuple(args.max_patch), mni_resolution_mm=args.mni_resolution_mm,
         domains=tuple(args.domains), device=args.device, domain_size_scale=domain_scales,
+        domain_weights=domain_weights,
     )
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

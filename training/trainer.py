@@ -61,6 +61,8 @@ class TrainConfig:
     val_every: int = 0  # 0: validate at the end only
     checkpoint_every: int = 100  # 0: only at the end (and when stopped)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # iterations per round-robin cycle for some domains (default 1 each): more for a hard one
+    domain_weights: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -75,6 +77,9 @@ class TrainConfig:
             self.patch_size = tuple(int(p) for p in self.patch_size)
             if len(self.patch_size) != 3 or min(self.patch_size) < 1:
                 raise U2NetError(f"patch size must be three positive sizes Z Y X, got {self.patch_size}")
+        for name, w in self.domain_weights.items():
+            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+                raise U2NetError(f"domain weight of {name!r} must be a whole number ≥ 1, got {w!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -117,6 +122,36 @@ class DomainData:
     @property
     def patch_size(self) -> tuple[int, int, int]:
         return tuple(int(p) for p in self.meta.patch_size)
+
+
+def parse_domain_weights(items: list[str]) -> dict[str, int]:
+    """``["kidney-ct=3", …]`` (the command lines' ``--domain-weight``) as ``{name: weight}``."""
+    weights = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.isdigit() or int(value) < 1:
+            raise U2NetError(f"--domain-weight {item!r}: expected DOMAIN=N with a whole number N ≥ 1, "
+                             "e.g. kidney-ct=3")
+        weights[name] = int(value)
+    return weights
+
+
+def domain_cycle(names: list[str], weights: dict[str, int]) -> list[str]:
+    """One round-robin cycle in which each domain comes ``weights.get(name, 1)`` times, spread
+    evenly (smooth weighted round-robin), so a weighted domain never gets long runs of turns."""
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise U2NetError(f"domain weight for {', '.join(map(repr, unknown))}, which is not trained here "
+                         f"(domains: {', '.join(names)})")
+    w = [int(weights.get(n, 1)) for n in names]
+    credit = [0] * len(names)
+    cycle = []
+    for _ in range(sum(w)):
+        credit = [c + x for c, x in zip(credit, w)]
+        k = max(range(len(names)), key=lambda i: credit[i])  # first of the largest: deterministic
+        credit[k] -= sum(w)
+        cycle.append(names[k])
+    return cycle
 
 
 def iteration_generator(seed: int, rank: int, iteration: int) -> torch.Generator:
@@ -203,6 +238,8 @@ def run_training(
         torch.backends.cudnn.benchmark = True
     net.to(device)
     loss_fn = make_loss(config.loss, config.ignore_index)
+    by_name = {d.name: d for d in domains}
+    cycle = domain_cycle([d.name for d in domains], config.domain_weights)
     samplers = {}
     for d in domains:
         if not d.train:
@@ -270,7 +307,7 @@ def run_training(
             barrier(dist)
             return
         t0 = time.perf_counter()
-        d = domains[it % len(domains)]
+        d = by_name[cycle[it % len(cycle)]]
         g = iteration_generator(config.seed, dist.rank, it)
         image, label = samplers[d.name].sample(config.batch_size, g)
         image, label = augment_batch(image.to(device), label.to(device), config.augment, g)

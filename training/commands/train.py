@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_training_arguments(p, iterations=1000, lr=1e-2)
     p.add_argument("--base-channels", type=int, default=16, help="channels of the first level (default 16)")
     p.add_argument("--levels", type=int, default=6, help="resolution levels (default 6)")
+    p.add_argument("--domain-weight", action="append", default=[], metavar="DOMAIN=N",
+                   help="train DOMAIN N times per round-robin cycle instead of once (repeatable), "
+                        "e.g. for a domain that lags behind the others")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,10 +27,11 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import setup, teardown
     from ..errors import U2NetError
     from ..network import ArchConfig
-    from ..trainer import consume
+    from ..trainer import consume, domain_cycle, parse_domain_weights
     from ..training_run import domain_from_dataset, train_model
 
     config = config_from_args(args)
+    config.domain_weights = parse_domain_weights(args.domain_weight)
     try:
         arch = ArchConfig(base_channels=args.base_channels, levels=args.levels)
     except ValueError as e:
@@ -39,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
                                 cache_dir=Path(args.cache) if args.cache else None)
             for d in args.datasets
         ]
+        domain_cycle([d.name for d in domains], config.domain_weights)  # names checked before any training
         reports = train_model(domains, Path(args.output), config, None if args.resume else arch,
                               resume=args.resume, dist=dist)
         last = consume(reports, progress=not args.quiet, is_main=dist.is_main)
