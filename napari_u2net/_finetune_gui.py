@@ -60,7 +60,9 @@ class FineTuneGui(QWidget):
         self.pairs_layout = QVBoxLayout()
         data_layout.addLayout(self.pairs_layout)
         self.add_pair_button = QPushButton("Add pair")
-        self.add_pair_button.setToolTip("Train on several annotated images at once (same voxel spacing)")
+        self.add_pair_button.setToolTip(
+            "Train on several annotated images at once (resampled to their median voxel spacing)"
+        )
         self.sparse_check = QCheckBox("Train only on labelled slices")
         self.sparse_check.setToolTip(
             "Slices (along the first axis) without any label are ignored; inside labelled slices, "

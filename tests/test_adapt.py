@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.adaptation import adapt_domain, closest_domain
+from training.adaptation import adapt_domain, cases_from_arrays, closest_domain
 from training.cli import main as cli_main
 from training.errors import U2NetError
 from training.metrics import dice_per_class
@@ -107,6 +107,18 @@ def test_stopping_an_adaptation_writes_the_adapter_so_far(base_model, tmp_path):
     meta = load_model(model_dir).meta("quick")
     assert meta.provenance["iterations"] == 3 and meta.provenance["init_from"] is None
     assert meta.normalization[0]["scheme"] == "zscore"
+
+
+def test_annotated_images_are_resampled_to_their_median_spacing():
+    """Three images at 1, 2 and 4 mm (z): the grid is 2 mm (the median), not the first image's."""
+    cases = []
+    for z in (1.0, 2.0, 4.0):
+        img, lab = ball_case(7, (16, 16, 16))
+        affine = np.array([[0, 0, 1.5, 0], [0, 1.5, 0, 0], [z, 0, 0, 0], [0, 0, 0, 1]])  # axis 0 = S
+        cases.append((Volume(img, affine), lab))
+    arrays, spacing, _ = cases_from_arrays(cases, "CT")
+    assert spacing == [2.0, 1.5, 1.5]
+    assert [a.image.shape[1] for a in arrays] == [8, 16, 32]  # 16 slices of 1, 2, 4 mm on a 2 mm grid
 
 
 def test_closest_domain_prefers_modality_then_channels(model_dir):

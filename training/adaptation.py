@@ -154,7 +154,7 @@ def cases_from_arrays(
     """(Volume or raw (C, Z, Y, X) array, labels (Z, Y, X)) pairs → preprocessed cases.
 
     Cases go through :func:`training.preprocess.preprocess_case` exactly as dataset cases do
-    (canonical axes, the first case's spacing, normalisation, crop), so inference later sees new
+    (canonical axes, the cases' median spacing, normalisation, crop), so inference later sees new
     images the same way. A bare array gets the voxel size ``spacing`` (default 1 mm). Labels:
     0 background, 1..K classes, ``ignore_index`` unlabelled. Returns the cases, the spacing
     (canonical z, y, x) and the normalisation specs.
@@ -176,9 +176,10 @@ def cases_from_arrays(
             raise InputError(f"case {i}: {vol.channels} channel(s), the first case has {volumes[0].channels}")
         volumes.append(vol)
         labels.append(label.astype(np.uint8))
-    first = volumes[0]
-    o = canonical_orientation(first.affine)
-    target = [float(s) for s in spacing_of(reorient_affine(first.affine, first.shape, o))]
+    # the median spacing on canonical axes, as a dataset's plan takes it (one odd image does not
+    # set the grid for all the others)
+    spacings = [spacing_of(reorient_affine(v.affine, v.shape, canonical_orientation(v.affine))) for v in volumes]
+    target = [float(s) for s in np.median(spacings, axis=0)]
     specs = normalization_for([np.asarray(v.data, np.float32) for v in volumes], labels, modality, ignore_index)
     plan = PreprocessPlan(spacing=target, normalization=specs, modality=modality,
                           patch_size=list(patch_size or [64, 64, 64]),
