@@ -39,7 +39,7 @@ class Recipe:
 
     seed: int = 0
     cases: int = 16
-    eval_cases: int = 6
+    eval_cases: int = 20
     size_scale: float = 0.75
     # per-domain voxel-count scale overriding size_scale (e.g. {"kidney-ct": 1.5}: a finer grid
     # for small organs, whose Dice is limited by partial-volume voxels on the coarse grid)
