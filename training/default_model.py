@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import U2NetError
+
 SYNTH_DOMAINS = ["spleen-ct", "kidney-ct", "prostate-mr", "hippocampus-mr"]
 BRAIN_DOMAIN = "mni152-brain"
 EVAL_SEED_OFFSET = 1000
@@ -206,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--domain-size-scale {item!r}: expected SYNTHETIC_DOMAIN=SCALE with a domain of this "
                     f"build ({', '.join(d for d in args.domains if d != BRAIN_DOMAIN)})")
         domain_scales[name] = scale
-    from .errors import U2NetError
     from .trainer import parse_domain_weights
 
     try:
