@@ -56,7 +56,9 @@ def test_per_domain_size_scale_and_weight_are_applied_and_recorded(tmp_path, cap
     prov = load_model(tmp_path / "m").meta("hippocampus-mr").provenance
     assert prov["recipe"]["domain_weights"] == {"hippocampus-mr": 2} and prov["iterations"] == 3
     capsys.readouterr()
-    for bad in ("spleen-ct=2", "hippocampus-mr=0", "hippocampus-mr"):
+    for bad, why in (("spleen-ct=2", "'spleen-ct', which is not trained here"),
+                     ("hippocampus-mr=0", "expected DOMAIN=N"), ("hippocampus-mr", "expected DOMAIN=N")):
         with pytest.raises(SystemExit):
             main(argv + ["--domain-weight", bad])
-        assert "--domain-weight" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "--domain-weight" in err and why in err

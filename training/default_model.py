@@ -208,15 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--domain-size-scale {item!r}: expected SYNTHETIC_DOMAIN=SCALE with a domain of this "
                     f"build ({', '.join(d for d in args.domains if d != BRAIN_DOMAIN)})")
         domain_scales[name] = scale
-    from .trainer import parse_domain_weights
+    from .trainer import domain_cycle, parse_domain_weights
 
     try:
         domain_weights = parse_domain_weights(args.domain_weight)
+        domain_cycle(list(args.domains), domain_weights)  # each weighted domain is one of this build's
     except U2NetError as e:
         p.error(str(e))
-    unknown = sorted(set(domain_weights) - set(args.domains))
-    if unknown:
-        p.error(f"--domain-weight for {', '.join(unknown)}: not a domain of this build ({', '.join(args.domains)})")
     recipe = Recipe(
         seed=args.seed, cases=args.cases, eval_cases=args.eval_cases, size_scale=args.size_scale,
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
