@@ -62,3 +62,46 @@ def test_per_domain_size_scale_and_weight_are_applied_and_recorded(tmp_path, cap
             main(argv + ["--domain-weight", bad])
         err = capsys.readouterr().err
         assert "--domain-weight" in err and why in err
+
+
+def test_adapted_domain_is_added_on_the_frozen_trunk_and_withheld_one_left_out(tmp_path, capsys):
+    import pytest
+
+    from training.modelfile import adapter_path
+
+    out, work = tmp_path / "m", tmp_path / "work"
+    argv = [str(out), "--work", str(work), "--domains", "hippocampus-mr", "heart-mr",
+            "--cases", "1", "--eval-cases", "1", "--iterations", "2", "--base-channels", "4",
+            "--levels", "3", "--size-scale", "0.3", "--device", "cpu"]
+    assert main(argv + ["--adapt", "prostate-mr=2", "--withhold", "heart-mr"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(figures) == {"hippocampus-mr", "prostate-mr"}
+    model = load_model(out)
+    assert model.domains == ["hippocampus-mr", "prostate-mr"]  # heart-mr trained, not shipped
+    assert set(json.loads((out / "evaluation.json").read_text())) == {"hippocampus-mr", "prostate-mr"}
+    withheld = model.trunk.provenance["withheld"]["heldout_evaluation"]
+    assert set(withheld) == {"heart-mr"} and withheld["heart-mr"]["cases"] == 1
+    prov = model.meta("prostate-mr").provenance
+    assert prov["adapted"] is True and prov["iterations"] == 2 and prov["recipe"]["adapt"] == {"prostate-mr": 2}
+    # adapter-only: the trained model's trunk and old adapters are untouched in the adapted copy
+    for name in ("trunk.safetensors", "adapters/hippocampus-mr.safetensors", "adapters/heart-mr.safetensors"):
+        assert (work / "adapted" / name).read_bytes() == (work / "model" / name).read_bytes()
+    assert not (work / "adapted.partial").exists()
+    # re-exporting reuses the adapted model made on this trunk instead of training it again
+    stamp = adapter_path(work / "adapted", "prostate-mr").stat().st_mtime_ns
+    assert main(argv + ["--evaluate-only", "--adapt", "prostate-mr=2", "--withhold", "heart-mr"]) == 0
+    assert "reusing" in capsys.readouterr().err
+    assert adapter_path(work / "adapted", "prostate-mr").stat().st_mtime_ns == stamp
+    # a new trunk stage makes it stale: adapted again on the new trunk
+    assert main(argv + ["--resume", "--iterations", "3", "--adapt", "prostate-mr=2"]) == 0
+    assert "reusing" not in capsys.readouterr().err
+    assert load_model(out).domains == ["heart-mr", "hippocampus-mr", "prostate-mr"]
+    for bad, why in (("--adapt=hippocampus-mr=2", "already a domain of this build"),
+                     ("--adapt=liver=2", "not a synthetic domain"),
+                     ("--adapt=prostate-mr=0", "expected DOMAIN=N"),
+                     ("--withhold=spleen-ct", "not trained here")):
+        with pytest.raises(SystemExit):
+            main(argv + ["--evaluate-only", bad])
+        err = capsys.readouterr().err
+        assert bad.split("=")[0] in err and why in err
+

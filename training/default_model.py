@@ -8,10 +8,15 @@ One command rebuilds it reproducibly::
    deformations of the real MNI152 T1 with its grey/white-matter labels (:mod:`training.mni152`).
 2. Joint training of every domain (round-robin, :func:`training.training_run.train_model`) in a
    work folder, with checkpoints, so an interrupted build continues with ``--resume``.
-3. Evaluation on held-out cases drawn from seeds never used for training (synthetic: ``seed +
+3. Optionally (``--adapt DOMAIN=N``), more synthetic domains taught afterwards on the frozen
+   trunk, adapter only (:func:`training.adaptation.adapt`, as ``u2net adapt`` does): the other
+   domains' weights stay bit-identical, so a domain is added without re-checking the others.
+4. Evaluation on held-out cases drawn from seeds never used for training (synthetic: ``seed +
    EVAL_SEED_OFFSET``; MNI152: its separate evaluation stream), with the same inference as
    ``u2net predict``; the Dice figures go into each adapter's provenance and ``evaluation.json``.
-4. Export in float16 (half the size on disk) to the output folder, files written atomically.
+5. Export in float16 (half the size on disk) to the output folder, files written atomically.
+   Domains named by ``--withhold`` shape the trunk and are evaluated, but their adapters are not
+   shipped (below the quality bar); their figures stay in the trunk's provenance.
 
 The MNI152 figures come from ONE subject (the template) under synthetic deformations and
 intensity changes: they show that the pipeline handles a real MR's contrast and anatomy, not
@@ -57,7 +62,17 @@ class Recipe:
     patch_size: tuple[int, int, int] | None = None  # one size for all domains; None: each plan's
     max_patch: tuple[int, int, int] = (32, 64, 64)  # caps the plans' patches: CPU-sized iterations
     domains: tuple[str, ...] = tuple(SYNTH_DOMAINS) + (BRAIN_DOMAIN,)
+    # synthetic domains added after the joint training, adapter only on the frozen trunk:
+    # {domain: iterations}
+    adapt: dict[str, int] = field(default_factory=dict)
+    # trained with the trunk (they shape it) and evaluated, but not shipped
+    withhold: tuple[str, ...] = ()
     device: str = "auto"
+
+    @property
+    def all_domains(self) -> tuple[str, ...]:
+        """Every domain with data: the jointly trained ones, then the adapted ones."""
+        return self.domains + tuple(self.adapt)
 
 
 def _log(msg: str) -> None:
@@ -85,7 +100,7 @@ def write_datasets(recipe: Recipe, work: Path) -> tuple[dict[str, Path], dict[st
     from .synth import write_dataset
 
     train, evaluation = {}, {}
-    for domain in recipe.domains:
+    for domain in recipe.all_domains:
         for role, seed, n, out in (
             ("train", recipe.seed, recipe.cases, train),
             ("eval", recipe.seed, recipe.eval_cases, evaluation),
@@ -107,27 +122,85 @@ def write_datasets(recipe: Recipe, work: Path) -> tuple[dict[str, Path], dict[st
     return train, evaluation
 
 
-def train(recipe: Recipe, datasets: dict[str, Path], model_dir: Path, resume: bool) -> None:
-    from .network import ArchConfig
-    from .trainer import TrainConfig, consume
-    from .training_run import domain_from_dataset, train_model
+def _domain_data(recipe: Recipe, datasets: dict[str, Path], name: str):
+    """A domain's prepared training data, its patch capped at ``recipe.max_patch``."""
+    from .training_run import domain_from_dataset
 
-    config = TrainConfig(
-        iterations=recipe.iterations,
+    data = domain_from_dataset(datasets[name], name=name, max_val_cases=2)
+    data.meta.patch_size = [min(p, m) for p, m in zip(data.meta.patch_size, recipe.max_patch)]
+    return data
+
+
+def _config(recipe: Recipe, iterations: int, domain_weights: dict[str, int] | None = None):
+    from .trainer import TrainConfig
+
+    return TrainConfig(
+        iterations=iterations,
         batch_size=recipe.batch_size,
         lr=recipe.lr,
         patch_size=recipe.patch_size,
         seed=recipe.seed,
         device=recipe.device,
         checkpoint_every=200,
-        domain_weights=dict(recipe.domain_weights),
+        domain_weights=dict(domain_weights or {}),
     )
-    domains = [domain_from_dataset(datasets[d], name=d, max_val_cases=2) for d in recipe.domains]
-    for d in domains:
-        d.meta.patch_size = [min(p, m) for p, m in zip(d.meta.patch_size, recipe.max_patch)]
+
+
+def train(recipe: Recipe, datasets: dict[str, Path], model_dir: Path, resume: bool) -> None:
+    from .network import ArchConfig
+    from .trainer import consume
+    from .training_run import train_model
+
+    config = _config(recipe, recipe.iterations, recipe.domain_weights)
+    domains = [_domain_data(recipe, datasets, d) for d in recipe.domains]
     arch = ArchConfig(base_channels=recipe.base_channels, levels=recipe.levels)
     reports = train_model(domains, model_dir, config, None if resume else arch, resume=resume)
     consume(reports, progress=True)
+
+
+def _trunk_hash(model_dir: Path) -> str | None:
+    from .modelfile import TRUNK_FILE, read_weights
+
+    try:
+        return read_weights(model_dir / TRUNK_FILE, "trunk")[1].get("trunk_hash")
+    except U2NetError:
+        return None
+
+
+def adapt_domains(recipe: Recipe, datasets: dict[str, Path], work: Path, reuse: bool) -> Path:
+    """``work/adapted``: the trained model plus ``recipe.adapt``'s domains, each adapter trained
+    alone on the frozen trunk. ``reuse``: keep an existing one made on the same trunk with the same
+    iterations (``--evaluate-only``); otherwise it is rebuilt from scratch (a partial copy first,
+    renamed when complete).
+    """
+    from .adaptation import adapt
+    from .modelfile import adapter_path, load_model
+    from .trainer import consume
+    from .training_run import WORK_SUBDIR
+
+    src, dst = work / "model", work / "adapted"
+    made_on = _trunk_hash(dst) if reuse and dst.is_dir() else None
+    if made_on is not None and made_on == _trunk_hash(src):
+        done = {n: load_model(dst, domains=[n]).meta(n).provenance.get("iterations")
+                for n in recipe.adapt if adapter_path(dst, n).is_file()}
+        if done == recipe.adapt:
+            _log(f"reusing {dst} (adapted: {', '.join(recipe.adapt)})")
+            return dst
+    tmp = dst.with_name(dst.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(WORK_SUBDIR))
+    for name, iterations in recipe.adapt.items():
+        _log(f"adapting {name}: {iterations} iterations, adapter only, trunk frozen")
+        state = work / f"adapt-{name}"
+        if state.exists():
+            shutil.rmtree(state)
+        reports = adapt(tmp, _domain_data(recipe, datasets, name), _config(recipe, iterations), work_dir=state)
+        consume(reports, progress=True)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    return dst
 
 
 def evaluate(model_dir: Path, datasets: dict[str, Path], device: str) -> dict[str, dict]:
@@ -153,7 +226,9 @@ def export(model_dir: Path, out: Path, recipe: Recipe, results: dict, command: s
 
     model = load_model(model_dir)
     recipe_d = asdict(recipe)
-    for name, meta in model.adapters.items():
+    shipped = {name: meta for name, meta in model.adapters.items() if name not in recipe.withhold}
+    withheld = {name: results.get(name) for name in model.adapters if name in recipe.withhold}
+    for name, meta in shipped.items():
         meta.provenance = {
             **meta.provenance,
             "recipe": recipe_d,
@@ -168,12 +243,33 @@ def export(model_dir: Path, out: Path, recipe: Recipe, results: dict, command: s
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model(tmp, model.net, model.adapters, provenance={**model.trunk.provenance, "recipe": recipe_d,
-                                                           "command": command}, dtype="float16")
-    atomic_write_bytes(tmp / "evaluation.json", json.dumps(results, indent=2).encode())
+    trunk_prov = {**model.trunk.provenance, "recipe": recipe_d, "command": command}
+    if withheld:
+        trunk_prov["withheld"] = {"note": "trained with the trunk and evaluated; adapter not shipped",
+                                  "heldout_evaluation": withheld}
+    save_model(tmp, model.net, shipped, provenance=trunk_prov, dtype="float16")
+    figures = {name: r for name, r in results.items() if name in shipped}
+    atomic_write_bytes(tmp / "evaluation.json", json.dumps(figures, indent=2).encode())
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def _parse_adapt(p: argparse.ArgumentParser, items: list[str], trained: list[str]) -> dict[str, int]:
+    """``--adapt DOMAIN=N`` options as ``{domain: N}``; refused (exit 2) before any work is done."""
+    from .synth import list_domains
+
+    adapt = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not value.isdigit() or int(value) < 1:
+            p.error(f"--adapt {item!r}: expected DOMAIN=N with N a positive number of iterations")
+        if name not in list_domains():
+            p.error(f"--adapt {item!r}: {name!r} is not a synthetic domain ({', '.join(list_domains())})")
+        if name in trained or name in adapt:
+            p.error(f"--adapt {item!r}: {name!r} is already a domain of this build")
+        adapt[name] = int(value)
+    return adapt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", type=Path, help="model folder to write (e.g. resources/models/default)")
     p.add_argument("--work", type=Path, default=Path(".cache/default-model"), help="data, checkpoints, logs")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training run")
-    p.add_argument("--evaluate-only", action="store_true", help="evaluate and export the trained work model")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="no trunk training: evaluate and export the trained work model (--adapt domains "
+                        "are trained only when the work folder has none for this trunk)")
     d = Recipe()
     for field_name in ("seed", "cases", "eval_cases", "iterations", "batch_size", "base_channels", "levels"):
         p.add_argument(f"--{field_name.replace('_', '-')}", type=int, default=getattr(d, field_name))
@@ -196,7 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mni-resolution-mm", type=float, default=d.mni_resolution_mm)
     p.add_argument("--device", default=d.device)
     p.add_argument("--domains", nargs="+", default=list(d.domains))
+    p.add_argument("--adapt", action="append", default=[], metavar="DOMAIN=N",
+                   help="after training, add synthetic DOMAIN with N iterations of adapter-only training on "
+                        "the frozen trunk (repeatable)")
+    p.add_argument("--withhold", action="append", default=[], metavar="DOMAIN",
+                   help="train and evaluate DOMAIN but leave its adapter out of the output (repeatable)")
     args = p.parse_args(argv)
+    adapt = _parse_adapt(p, args.adapt, args.domains)
+    for name in args.withhold:
+        if name not in args.domains:
+            p.error(f"--withhold {name!r}: not trained here ({', '.join(args.domains)})")
+    if set(args.domains) <= set(args.withhold) and not adapt:
+        p.error("--withhold: every domain would be left out; the model would have none")
     domain_scales = {}
     for item in args.domain_size_scale:
         name, _, value = item.partition("=")
@@ -204,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             scale = float(value)
         except ValueError:
             scale = None
-        if scale is None or name not in args.domains or name == BRAIN_DOMAIN:
+        synthetic = [d for d in [*args.domains, *adapt] if d != BRAIN_DOMAIN]
+        if scale is None or name not in synthetic:
             p.error(f"--domain-size-scale {item!r}: expected SYNTHETIC_DOMAIN=SCALE with a domain of this "
-                    f"build ({', '.join(d for d in args.domains if d != BRAIN_DOMAIN)})")
+                    f"build ({', '.join(synthetic)})")
         domain_scales[name] = scale
     from .trainer import domain_cycle, parse_domain_weights
 
@@ -222,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         patch_size=tuple(args.patch_size) if args.patch_size else None,
         max_patch=tuple(args.max_patch), mni_resolution_mm=args.mni_resolution_mm,
         domains=tuple(args.domains), device=args.device, domain_size_scale=domain_scales,
-        domain_weights=domain_weights,
+        domain_weights=domain_weights, adapt=adapt, withhold=tuple(args.withhold),
     )
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -230,11 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = work / "model"
     if not args.evaluate_only:
         train(recipe, train_sets, model_dir, resume=args.resume)
+    if recipe.adapt:
+        model_dir = adapt_domains(recipe, train_sets, work, reuse=args.evaluate_only)
     results = evaluate(model_dir, eval_sets, recipe.device)
     command = "python -m training.default_model " + " ".join(argv if argv is not None else sys.argv[1:])
     export(model_dir, args.output, recipe, results, command)
     _log(f"model written to {args.output}")
-    print(json.dumps({name: r["mean_dice"] for name, r in results.items()}))
+    for name in recipe.withhold:
+        _log(f"{name} withheld (not in {args.output}): mean Dice {results[name]['mean_dice']:.3f}")
+    print(json.dumps({name: r["mean_dice"] for name, r in results.items() if name not in recipe.withhold}))
     return 0
 
 
