@@ -105,3 +105,23 @@ def test_adapted_domain_is_added_on_the_frozen_trunk_and_withheld_one_left_out(t
         err = capsys.readouterr().err
         assert bad.split("=")[0] in err and why in err
 
+
+def test_bundled_model_ships_only_domains_that_meet_the_quality_bar():
+    """Every shipped domain has its held-out figure, and it meets the goal: ≥ 0.85 mean foreground
+    Dice for a synthetic domain, ≥ 0.80 for grey and white matter on the MNI152 cases."""
+    from training.default_model import BRAIN_DOMAIN
+    from training.resources import bundled_model_dir
+    from training.synth import list_domains
+
+    folder = bundled_model_dir()
+    figures = json.loads((folder / "evaluation.json").read_text())
+    model = load_model(folder)
+    assert set(figures) == set(model.domains)
+    assert len([d for d in model.domains if d in list_domains()]) >= 4
+    for name in model.domains:
+        assert figures[name]["cases"] >= 20
+        assert model.meta(name).provenance["heldout_evaluation"] == figures[name]
+        if name == BRAIN_DOMAIN:
+            assert min(figures[name]["mean_dice_per_class"].values()) >= 0.80, name
+        else:
+            assert figures[name]["mean_dice"] >= 0.85, name
