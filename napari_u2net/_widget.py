@@ -20,6 +20,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QVBoxLayout, QWidget
 
+from training.domain_match import suggest_domain
 from training.errors import InputError
 
 from . import _engine
@@ -183,7 +184,7 @@ class DomainSelectorWidget(QWidget):
         g.cancel_button.clicked.connect(self.cancel)
         g.folder_button.clicked.connect(self._choose_folder)
         g.model_combo.currentIndexChanged.connect(self._on_model_choice)
-        g.image_combo.currentIndexChanged.connect(lambda _i: self._update_run_enabled())
+        g.image_combo.currentIndexChanged.connect(lambda _i: self._on_image_choice())
         g.domain_list.itemChanged.connect(lambda _item: self._update_run_enabled())
 
         events = self.viewer.layers.events
@@ -219,7 +220,45 @@ class DomainSelectorWidget(QWidget):
         elif names:
             combo.setCurrentIndex(len(names) - 1)
         combo.blockSignals(False)
+        if combo.currentText() != current:
+            self._on_image_choice()
+        else:
+            self._update_run_enabled()
+
+    def _on_image_choice(self) -> None:
+        """Another image: if no ticked domain can run on it, tick the one that fits it best."""
+        hint = self._image_hint()
+        if self.model is not None and hint[1] and not any(self._fits(d, hint) for d in self.checked_domains()):
+            self.set_checked_domains(self._suggested_domains(hint))
         self._update_run_enabled()
+
+    def _image_hint(self) -> tuple[str | None, int, str | None]:
+        """(domain named in the image's metadata, its number of volumes, modality its values suggest);
+        0 volumes when there is no 3D/4D image."""
+        image = self.image_layer()
+        if image is None or image.data.ndim not in (3, 4):
+            return None, 0, None
+        meta = image.metadata.get(META_KEY, {}) if isinstance(image.metadata, dict) else {}
+        return meta.get("domain"), _engine.layer_channels(image.data), _engine.guess_modality(image.data)
+
+    def _fits(self, domain: str, hint: tuple[str | None, int, str | None]) -> bool:
+        named, channels, modality = hint
+        if named in self.model.adapters:
+            return domain == named
+        meta = self.model.meta(domain)
+        return meta.in_channels == channels and modality in (None, meta.modality)
+
+    def _suggested_domains(self, hint: tuple[str | None, int, str | None] | None = None) -> list[str]:
+        """The domain to pre-tick: the one the image names (our samples do), else one that takes
+        its number of volumes and, if its values tell, its modality (CT: air in HU)."""
+        named, channels, modality = hint or self._image_hint()
+        if named in self.model.adapters:
+            return [named]
+        if not channels:
+            return []
+        candidates = ((n, m.modality, m.in_channels) for n, m in self.model.adapters.items())
+        best = suggest_domain(candidates, channels, modality)
+        return [best] if best else []
 
     def image_layer(self):
         name = self.gui.image_combo.currentText()
@@ -376,6 +415,7 @@ class DomainSelectorWidget(QWidget):
 
     def _fill_domains(self, check: list[str] | None = None) -> None:
         lst = self.gui.domain_list
+        check = check or self._suggested_domains()
         lst.blockSignals(True)
         lst.clear()
         for i, (name, meta) in enumerate(self.model.adapters.items()):

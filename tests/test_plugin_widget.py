@@ -307,3 +307,63 @@ def test_only_available_devices_are_enabled(make_napari_viewer, qtbot, model_dir
     item = combo.model().item
     qtbot.waitUntil(lambda: item(combo.findData("cuda")).isEnabled() == torch.cuda.is_available(), timeout=20000)
     assert item(combo.findData("cpu")).isEnabled() and item(combo.findData("auto")).isEnabled()
+
+
+def test_modality_guess_and_domain_suggestion():
+    from napari_u2net._engine import guess_modality, layer_channels
+    from training.domain_match import suggest_domain
+
+    ct = np.full((4, 8, 8), -1000.0)
+    ct[:, 2:6, 2:6] = 60
+    assert guess_modality(ct) == "CT" and guess_modality(blob_image()) == "MR"
+    assert guess_modality(blob_image() - 50) is None  # negative, but no air: unknown
+    assert layer_channels(np.zeros((2, 4, 5, 6))) == 2 and layer_channels(ct) == 1
+    cands = [("heart", "MR", 1), ("prostate", "MR", 2), ("spleen", "CT", 1)]
+    assert suggest_domain(cands, 1, "CT") == "spleen"
+    assert suggest_domain(cands, 1, "MR") == "heart"
+    assert suggest_domain(cands, 2, "CT") == "prostate"  # the number of volumes comes first
+    assert suggest_domain(cands, 1, None) == "heart"  # unknown modality: first that can run
+    assert suggest_domain([], 1, "CT") is None
+
+
+def test_ticked_domain_follows_the_image(make_napari_viewer, qtbot, tmp_path):
+    """A CT image gets a CT domain ticked, a 2-volume image the 2-input domain, an image naming its
+    domain (our samples) that one; a ticked domain that can run on the new image is kept."""
+    from tests.conftest import adapter_meta, small_net
+    from training.modelfile import save_model
+
+    from napari_u2net._geometry import META_KEY
+
+    net = small_net(domains=(("heart", 1, 2), ("prostate", 2, 3), ("spleen", 1, 2)))
+    modality = {"heart": "MR", "prostate": "MR", "spleen": "CT"}
+    save_model(tmp_path / "m", net, {n: adapter_meta(net, n, modality=modality[n]) for n in net.domains})
+    viewer = make_napari_viewer()
+    ct = np.where(blob_image() > 50, 60.0, -1000.0)
+    viewer.add_image(ct, name="ct")
+    widget = DomainSelectorWidget(viewer, predict_fn=ThresholdPredict())
+    viewer.window.add_dock_widget(widget)
+    widget.set_model_dir(tmp_path / "m")
+    qtbot.waitUntil(lambda: widget.model is not None and widget.gui.domain_list.count() == 3, timeout=30000)
+    assert widget.checked_domains() == ["spleen"]  # not the first in the list (heart, an MR domain)
+    viewer.add_image(np.stack([blob_image(), blob_image()]), name="two volumes")
+    viewer.add_image(blob_image(), name="mr")
+    viewer.add_image(blob_image() * 2, name="mr 2")
+    viewer.add_image(blob_image(), name="named", metadata={META_KEY: {"domain": "spleen"}})
+    assert widget.gui.image_combo.currentText() == "ct" and widget.checked_domains() == ["spleen"]
+
+    def choose(name):
+        widget.gui.image_combo.setCurrentText(name)
+        return widget.checked_domains()
+
+    assert choose("two volumes") == ["prostate"]
+    assert choose("mr") == ["heart"]
+    widget.set_checked_domains(["heart", "spleen"])  # the user's choice: heart can run on an MR image
+    assert choose("mr 2") == ["heart", "spleen"]
+    assert choose("named") == ["heart", "spleen"]  # spleen is the domain it names: kept
+    widget.set_checked_domains(["heart"])
+    assert choose("named") == ["heart"]  # unchanged image: nothing re-ticked
+    assert choose("mr") == ["heart"]
+    assert choose("named") == ["spleen"]  # heart is not the domain it names
+    widget.set_checked_domains(["heart"])
+    widget.gui.image_combo.setCurrentText("ct")  # chosen by hand: heart cannot take a CT
+    assert widget.checked_domains() == ["spleen"]

@@ -19,3 +19,20 @@ def closest_domain_name(
         if best_score is None or score > best_score:
             best, best_score = name, score
     return best
+
+
+def suggest_domain(
+    candidates: Iterable[tuple[str, str, int]], in_channels: int, modality: str | None
+) -> str | None:
+    """The domain to pre-tick for an image: one that takes its number of volumes first (any other
+    cannot run on it), then one of the modality its intensities suggest (None: unknown); ties go
+    to the first name in sorted order.
+
+    ``candidates``: ``(name, modality, in_channels)`` for each domain of the model.
+    """
+    best, best_score = None, None
+    for name, cand_modality, channels in sorted(candidates):
+        score = (channels == in_channels, modality is not None and cand_modality == modality)
+        if best_score is None or score > best_score:
+            best, best_score = name, score
+    return best
