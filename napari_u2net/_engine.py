@@ -173,8 +173,11 @@ def probe_and_warm(kind: str = "inference") -> dict[str, bool]:
 # -- input checks --------------------------------------------------------------------------------
 def guess_modality(data) -> str | None:
     """"CT" when an image holds air in Hounsfield units (≤ −500), "MR" when it has no negative
-    values, None otherwise; from every 4th row and column (a few ms on a large scan)."""
-    sample = np.asarray(data[..., ::4, ::4])
+    values, None otherwise (or for lazy arrays, not read for a guess); from every 4th row and
+    column (a few ms on a large scan)."""
+    if not isinstance(data, np.ndarray):
+        return None
+    sample = data[..., ::4, ::4]
     if sample.size == 0:
         return None
     low = float(np.nanmin(sample))

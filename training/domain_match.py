@@ -1,4 +1,5 @@
-"""Which existing domain a new one starts from (torch-free: the fine-tune panel shows it live)."""
+"""Which existing domain a new one starts from, and which one to tick for an image (torch-free: the
+GUI panels use them live)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,7 @@ def closest_domain_name(
 
     ``candidates``: ``(name, modality, in_channels, num_classes)`` for each existing domain.
     """
-    best, best_score = None, None
-    for name, cand_modality, channels, classes in sorted(candidates):
-        score = (cand_modality == modality, channels == in_channels, classes == num_classes)
-        if best_score is None or score > best_score:
-            best, best_score = name, score
-    return best
+    return _best(candidates, lambda c: (c[1] == modality, c[2] == in_channels, c[3] == num_classes))
 
 
 def suggest_domain(
@@ -30,9 +26,11 @@ def suggest_domain(
 
     ``candidates``: ``(name, modality, in_channels)`` for each domain of the model.
     """
-    best, best_score = None, None
-    for name, cand_modality, channels in sorted(candidates):
-        score = (channels == in_channels, modality is not None and cand_modality == modality)
-        if best_score is None or score > best_score:
-            best, best_score = name, score
-    return best
+    return _best(candidates, lambda c: (c[2] == in_channels, modality is not None and c[1] == modality))
+
+
+def _best(candidates: Iterable[tuple], score) -> str | None:
+    """Name of the highest-scoring candidate; ``max`` keeps the first of equals, so ties go to the
+    first name in sorted order."""
+    ranked = sorted(candidates)
+    return max(ranked, key=score)[0] if ranked else None
