@@ -35,6 +35,10 @@ _NO_AUTOSTART = {"_start_thread": False, "_ignore_errors": True}
 # napari's per-Labels-layer overlays (polygon tool, brush stroke): their vispy visuals are built
 # only once visible, and building them was about half of inserting a result layer.
 _DEFERRED_OVERLAYS = ("polygon", "brush_stroke")
+# Between the deferred steps: with 0 ms, Qt ran them straight after the insertion (and the new
+# layer's first draw) before serving other timers, so the steps and the insertion made one long
+# freeze (bench_ui.py's longest gap: median 118 ms before, 77-90 ms with this delay).
+_STEP_DELAY_MS = 30
 
 
 def insert_layer_smoothly(viewer, index: int, layer) -> None:
@@ -43,8 +47,8 @@ def insert_layer_smoothly(viewer, index: int, layer) -> None:
     Inserting a Labels layer held napari's GUI thread ≈ 90–140 ms on 2 cores: its vispy visual, its
     layer controls, selecting it (which shows those controls) and its polygon/brush tool overlays.
     Here the insertion runs without the tool overlays (napari builds an overlay's visual only once
-    it is visible) and without selecting the layer; the selection and each overlay follow on later
-    event-loop turns, so input and painting get their turn in between. This uses napari internals
+    it is visible) and without selecting the layer; the selection and each overlay follow, each
+    ``_STEP_DELAY_MS`` later, so input and painting get their turn in between. This uses napari internals
     (``LayerList._activate_on_insert``, ``Layer._overlays``); a napari without them gets a plain
     insertion.
     """
@@ -77,10 +81,10 @@ def insert_layer_smoothly(viewer, index: int, layer) -> None:
     def next_step() -> None:
         steps.pop(0)()
         if steps:
-            QTimer.singleShot(0, next_step)
+            QTimer.singleShot(_STEP_DELAY_MS, next_step)
 
     if steps:
-        QTimer.singleShot(0, next_step)
+        QTimer.singleShot(_STEP_DELAY_MS, next_step)
 
 
 def _ensure_worker_threads(minimum: int = 6) -> None:
