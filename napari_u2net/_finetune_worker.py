@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from training.errors import InputError, U2NetError
+from training.registry import trunk_hash_of
 
 IGNORE = 255
 TRUNK_FILE = "trunk.safetensors"
@@ -121,12 +122,6 @@ def default_user_dir(source: Path, trunk_hash: str, home: Path | None = None) ->
     if not (first / TRUNK_FILE).exists() or trunk_hash_of(first) == trunk_hash:
         return first
     return base / f"user-{trunk_hash[:12]}"
-
-
-def trunk_hash_of(model_dir: Path) -> str:
-    from training.registry import _read_header_meta
-
-    return str(_read_header_meta(Path(model_dir) / TRUNK_FILE).get("trunk_hash", ""))
 
 
 def model_domains(model_dir: Path) -> list[dict]:

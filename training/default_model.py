@@ -158,13 +158,17 @@ def train(recipe: Recipe, datasets: dict[str, Path], model_dir: Path, resume: bo
     consume(reports, progress=True)
 
 
-def _trunk_hash(model_dir: Path) -> str | None:
-    from .modelfile import TRUNK_FILE, read_weights
+def _adapted_on(dst: Path, src: Path) -> dict[str, int] | None:
+    """``{domain: iterations}`` of ``dst``'s adapters if ``dst`` holds ``src``'s trunk (None if
+    not, or if it is missing or unreadable), from the files' headers."""
+    from .registry import model_dir_domains, trunk_hash_of
 
     try:
-        return read_weights(model_dir / TRUNK_FILE, "trunk")[1].get("trunk_hash")
-    except U2NetError:
+        if trunk_hash_of(dst) != trunk_hash_of(src):
+            return None
+    except Exception:  # noqa: BLE001 - no or a damaged copy: rebuilt, not reused
         return None
+    return {d["name"]: d.get("provenance", {}).get("iterations") for d in model_dir_domains(dst)[0]}
 
 
 def adapt_domains(recipe: Recipe, datasets: dict[str, Path], work: Path, reuse: bool) -> Path:
@@ -174,18 +178,14 @@ def adapt_domains(recipe: Recipe, datasets: dict[str, Path], work: Path, reuse: 
     renamed when complete).
     """
     from .adaptation import adapt
-    from .modelfile import adapter_path, load_model
     from .trainer import consume
     from .training_run import WORK_SUBDIR
 
     src, dst = work / "model", work / "adapted"
-    made_on = _trunk_hash(dst) if reuse and dst.is_dir() else None
-    if made_on is not None and made_on == _trunk_hash(src):
-        done = {n: load_model(dst, domains=[n]).meta(n).provenance.get("iterations")
-                for n in recipe.adapt if adapter_path(dst, n).is_file()}
-        if done == recipe.adapt:
-            _log(f"reusing {dst} (adapted: {', '.join(recipe.adapt)})")
-            return dst
+    done = _adapted_on(dst, src) if reuse else None
+    if done is not None and {n: done.get(n) for n in recipe.adapt} == recipe.adapt:
+        _log(f"reusing {dst} (adapted: {', '.join(recipe.adapt)})")
+        return dst
     tmp = dst.with_name(dst.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -307,13 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.domains) <= set(args.withhold) and not adapt:
         p.error("--withhold: every domain would be left out; the model would have none")
     domain_scales = {}
+    synthetic = [d for d in [*args.domains, *adapt] if d != BRAIN_DOMAIN]
     for item in args.domain_size_scale:
         name, _, value = item.partition("=")
         try:
             scale = float(value)
         except ValueError:
             scale = None
-        synthetic = [d for d in [*args.domains, *adapt] if d != BRAIN_DOMAIN]
         if scale is None or name not in synthetic:
             p.error(f"--domain-size-scale {item!r}: expected SYNTHETIC_DOMAIN=SCALE with a domain of this "
                     f"build ({', '.join(synthetic)})")

@@ -436,6 +436,13 @@ def _read_header_meta(path: Path) -> dict:
         return json.loads((f.metadata() or {})["u2net"])
 
 
+def trunk_hash_of(model_dir: Path) -> str:
+    """The trunk's weights hash from its file's header (no weights loaded); "" if it has none."""
+    from .modelfile import TRUNK_FILE
+
+    return str(_read_header_meta(Path(model_dir) / TRUNK_FILE).get("trunk_hash", ""))
+
+
 def model_dir_domains(model_dir: Path) -> tuple[list[dict], dict]:
     """(domains, trunk provenance) from the files' headers, without loading any weights."""
     from .modelfile import ADAPTER_DIR, ADAPTER_SUFFIX, TRUNK_FILE
