@@ -231,9 +231,10 @@ class DomainSelectorWidget(QWidget):
 
     def _on_image_choice(self) -> None:
         """Another image: if no ticked domain can run on it, tick the one that fits it best."""
-        hint = self._image_hint()
-        if self.model is not None and hint[1] and not any(self._fits(d, hint) for d in self.checked_domains()):
-            self.set_checked_domains(self._suggested_domains(hint))
+        if self.model is not None:  # (the guess reads the image: not before there is a model)
+            hint = self._image_hint()
+            if hint[1] and not any(self._fits(d, hint) for d in self.checked_domains()):
+                self.set_checked_domains(self._suggested_domains(hint))
         self._update_run_enabled()
 
     def _image_hint(self) -> tuple[str | None, int, str | None]:
