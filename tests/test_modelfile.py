@@ -144,7 +144,7 @@ def test_write_is_atomic(tmp_path, monkeypatch, model_dir):
 def test_load_selected_domains(model_dir):
     model = load_model(model_dir, domains=["mr2"])
     assert model.domains == ["mr2"] and model.net.domains == ["mr2"]
-    with pytest.raises(ModelFileError, match="no adapter for domain"):
+    with pytest.raises(ModelFileError, match="no adapter for domain.*liver; this model has: ct, mr2"):
         load_model(model_dir, domains=["liver"])
 
 

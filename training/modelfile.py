@@ -331,7 +331,9 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu", domains: lis
         wanted = {adapter_path(model_dir, d) for d in domains}
         missing = [d for d in domains if adapter_path(model_dir, d) not in set(files)]
         if missing:
-            raise ModelFileError(f"{model_dir}: no adapter for domain(s) {', '.join(missing)}")
+            have = ", ".join(f.stem for f in files) or "none"
+            raise ModelFileError(f"{model_dir}: no adapter for domain(s) {', '.join(missing)}; "
+                                 f"this model has: {have} (`u2net info` lists every model's domains)")
         files = [f for f in files if f in wanted]
     adapters = {}
     for f in files:
