@@ -38,3 +38,36 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     state = torch.load(out / "training" / "state.pt", weights_only=True)
     assert state["iteration"] == 4
     assert len((out / "training" / "log.csv").read_text().splitlines()) == 5  # header + 4 rows, rank 0 only
+
+
+class _RecordingStream:
+    """A stdout that records each write, as an unbuffered pipe sees them (one write each)."""
+
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_rank_lines_reach_the_shared_pipe_in_one_write_each(monkeypatch):
+    """Under torchrun the ranks share one stdout pipe; a line written in two parts (print writes
+    its newline apart when Python runs unbuffered, as CI does) let another rank's line land inside
+    the JSON summary. Each line must be one write, newline included."""
+    from training.commands._trainargs import print_rank_hash, summary_line
+    from training.distributed import DistInfo
+    from training.trainer import TrainReport
+
+    report = TrainReport(iteration=4, domain="d", loss=0.5, lr=0.1, seconds=1.0, eta_s=0.0,
+                         val_dice={"d": {"c": 0.5}}, val_mean=0.5, iterations=4, weights_hash="ab" * 32)
+    stream = _RecordingStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    rank0 = DistInfo(rank=0, world_size=2)
+    print_rank_hash(report, rank0)
+    summary_line(report, rank0)
+    assert stream.writes == [f"rank 0 weights {'ab' * 32}\n", stream.writes[1]]
+    assert stream.writes[1].endswith("}\n") and json.loads(stream.writes[1])["iterations"] == 4

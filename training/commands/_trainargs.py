@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_training_arguments(p: argparse.ArgumentParser, iterations: int, lr: float) -> None:
@@ -58,11 +59,19 @@ def summary_line(report, dist) -> None:
 
     if not dist.is_main or report is None:
         return
-    print(json.dumps({"iterations": report.iteration, "loss": report.loss,
-                      "val_dice": report.val_dice, "val_mean": report.val_mean}))
+    write_line(json.dumps({"iterations": report.iteration, "loss": report.loss,
+                            "val_dice": report.val_dice, "val_mean": report.val_mean}))
 
 
 def print_rank_hash(report, dist) -> None:
     """Under torchrun every rank prints a hash of its final weights (they must all agree)."""
     if dist.enabled and report is not None and report.weights_hash:
-        print(f"rank {dist.rank} weights {report.weights_hash}", flush=True)
+        write_line(f"rank {dist.rank} weights {report.weights_hash}")
+
+
+def write_line(text: str) -> None:
+    """One line in one write, flushed: under torchrun every rank shares the same stdout pipe, and
+    `print` writes the text and its newline separately when Python runs unbuffered (as CI runs
+    it), so another rank's line could land in between and break the JSON summary line."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._trainargs import add_training_arguments, config_from_args, print_rank_hash, summary_line
+from ._trainargs import add_training_arguments, config_from_args, print_rank_hash, summary_line, write_line
 
 NAME = "adapt"
 HELP = "train a new domain's adapter on an MSD dataset with the shared trunk frozen"
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                         overwrite=args.overwrite, dist=dist)
         last = consume(reports, progress=not args.quiet, is_main=dist.is_main)
         if dist.is_main:
-            print(f"adapter {data.name!r} written to {model_dir}")
+            write_line(f"adapter {data.name!r} written to {model_dir}")
         print_rank_hash(last, dist)
         summary_line(last, dist)
     finally:

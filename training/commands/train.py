@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._trainargs import add_training_arguments, config_from_args, print_rank_hash, summary_line
+from ._trainargs import add_training_arguments, config_from_args, print_rank_hash, summary_line, write_line
 
 NAME = "train"
 HELP = "train a new model on MSD-layout datasets (one domain per dataset); torchrun-ready"
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                               resume=args.resume, dist=dist)
         last = consume(reports, progress=not args.quiet, is_main=dist.is_main)
         if dist.is_main:
-            print(f"model written to {args.output}")
+            write_line(f"model written to {args.output}")
         print_rank_hash(last, dist)
         summary_line(last, dist)
     finally:
