@@ -69,5 +69,6 @@ def test_rank_lines_reach_the_shared_pipe_in_one_write_each(monkeypatch):
     rank0 = DistInfo(rank=0, world_size=2)
     print_rank_hash(report, rank0)
     summary_line(report, rank0)
-    assert stream.writes == [f"rank 0 weights {'ab' * 32}\n", stream.writes[1]]
-    assert stream.writes[1].endswith("}\n") and json.loads(stream.writes[1])["iterations"] == 4
+    hash_line, summary = stream.writes  # exactly two writes: one per line
+    assert hash_line == f"rank 0 weights {'ab' * 32}\n"
+    assert summary.endswith("}\n") and json.loads(summary)["iterations"] == 4
