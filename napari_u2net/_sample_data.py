@@ -47,6 +47,15 @@ def _labels_layer(labels: np.ndarray, volume, name: str, class_names=None, color
     return (np.asarray(labels), attrs, "labels")
 
 
+def _named_for(domain: str, layers: list[tuple]) -> list[tuple]:
+    """Record in each layer the domain that segments it, so the domain selector pre-ticks that
+    one: by its values alone the MNI152 T1 is a 1-volume MR image like heart-mr's and
+    hippocampus-mr's, and the first of those would be ticked."""
+    for _data, attrs, _kind in layers:
+        attrs["metadata"][META_KEY]["domain"] = domain
+    return layers
+
+
 def synthetic_domain() -> str:
     """The synthetic domain the sample shows: one the bundled default model segments."""
     return SAMPLE_DOMAIN
@@ -68,19 +77,17 @@ def synthetic_ct() -> list[tuple]:
     volume, labels = generate_case(domain, SYNTHETIC_SEED)
     names, colors = _domain_classes(domain)
     image = volume_layer_data(volume, "synthetic CT", colormap="gray")
-    image[1]["metadata"][META_KEY]["domain"] = domain
     truth = _labels_layer(labels, volume, f"synthetic CT {domain} truth", names, colors)
-    truth[1]["metadata"][META_KEY]["domain"] = domain
-    return [image, truth]
+    return _named_for(domain, [image, truth])
 
 
 def mni152_t1() -> list[tuple]:
     """The MNI152 T1 template (2 mm) and its grey/white matter labels (needs nilearn)."""
-    from training.mni152 import CLASS_COLORS, CLASS_NAMES, load_mni152, mni152_available
+    from training.mni152 import CLASS_COLORS, CLASS_NAMES, DOMAIN, load_mni152, mni152_available
 
     if not mni152_available():
         raise InputError("the MNI152 sample needs nilearn: pip install nilearn (or napari-u2net[nilearn])")
     volume, labels = load_mni152(resolution_mm=2.0)
     image = volume_layer_data(volume, "MNI152 T1", colormap="gray")
     truth = _labels_layer(labels, volume, "MNI152 tissue ground truth", CLASS_NAMES, CLASS_COLORS)
-    return [image, truth]
+    return _named_for(DOMAIN, [image, truth])

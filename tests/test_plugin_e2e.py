@@ -115,3 +115,22 @@ def test_mni152_sample_has_tissue_truth_on_its_grid():
     spacing = np.sqrt((np.asarray(img_attrs["affine"])[:3, :3] ** 2).sum(axis=0))
     np.testing.assert_allclose(spacing, 2.0)
     assert set(np.unique(lab)) == {0, 1, 2}
+
+
+@pytest.mark.skipif(
+    not (bundled_model_dir() / "trunk.safetensors").is_file(), reason="no bundled model installed yet"
+)
+def test_mni152_sample_pre_ticks_the_brain_domain(make_napari_viewer, qtbot):
+    """Opened as a user does (selector docked first, then the sample), the brain T1 gets the brain
+    domain ticked: by its values alone it is a 1-volume MR image, like heart-mr and hippocampus-mr."""
+    from training.mni152 import DOMAIN, mni152_available
+
+    if not mni152_available():
+        pytest.skip("nilearn (MNI152 files) not installed")
+    viewer = make_napari_viewer()
+    widget = DomainSelectorWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    viewer.open_sample("napari-u2net", "mni152")
+    qtbot.waitUntil(lambda: widget.model is not None, timeout=60000)
+    assert widget.image_layer().name == "MNI152 T1"
+    assert widget.checked_domains() == [DOMAIN]
