@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import U2NetError
+from .mni152 import DOMAIN as BRAIN_DOMAIN
 
 SYNTH_DOMAINS = ["spleen-ct", "kidney-ct", "prostate-mr", "hippocampus-mr"]
-BRAIN_DOMAIN = "mni152-brain"
 EVAL_SEED_OFFSET = 1000
 
 
