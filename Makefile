@@ -49,9 +49,9 @@ bench: setup
 # scores every domain on 20 held-out cases. Work files (data, checkpoints) stay in
 # .cache/default-model; ~4 h on 2 CPU cores.
 model: setup
-	$(PY) -m training.default_model resources/models/default --iterations 2000 --cases 16
-	$(PY) -m training.default_model resources/models/default --resume --iterations 4500 --cases 16
-	$(PY) -m training.default_model resources/models/default --resume --iterations 6500 --cases 48 \
+	$(PY) -m scripts.default_model resources/models/default --iterations 2000 --cases 16
+	$(PY) -m scripts.default_model resources/models/default --resume --iterations 4500 --cases 16
+	$(PY) -m scripts.default_model resources/models/default --resume --iterations 6500 --cases 48 \
 		--adapt heart-mr=600 --domain-size-scale heart-mr=1.0 --withhold kidney-ct
 
 clean:

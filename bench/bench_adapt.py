@@ -34,8 +34,8 @@ def worker(mode: str, patch: list[int], steps: int, device: str) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from training.losses import make_loss
-    from training.network import ArchConfig, DomainConfig, U2Net, pool_counts_for_patch
+    from training.model.network import ArchConfig, DomainConfig, U2Net, pool_counts_for_patch
+    from training.train.losses import make_loss
 
     dev = torch.device(device)
     torch.manual_seed(0)

@@ -31,8 +31,8 @@ ORGAN = "liver-ct"
 def random_base_model(out: Path, patch) -> Path:
     import torch
 
-    from training.modelfile import AdapterMeta, make_classes, save_model
-    from training.network import ArchConfig, DomainConfig, U2Net
+    from training.model.modelfile import AdapterMeta, make_classes, save_model
+    from training.model.network import ArchConfig, DomainConfig, U2Net
 
     torch.manual_seed(0)
     net = U2Net(ArchConfig(base_channels=8, levels=3), [DomainConfig("kidney-ct", 1, 3), DomainConfig("heart-mr", 1, 2)])
@@ -62,7 +62,7 @@ def sparse_labels(lab: np.ndarray, n: int) -> np.ndarray:
 
 def finetune(base: Path, target: Path, name: str, labels: np.ndarray, volume, only_labelled: bool, args):
     from napari_u2net import _finetune_worker as fw
-    from training.trainer import TrainConfig
+    from training.train.trainer import TrainConfig
 
     pair = fw.TrainingPair("ct1", volume.data, volume.affine, "ct1 labels",
                            fw.prepare_labels(labels, "ct1 labels", only_labelled))
@@ -87,16 +87,16 @@ def finetune(base: Path, target: Path, name: str, labels: np.ndarray, volume, on
 
 
 def dice_unseen(model_dir: Path, name: str, seeds, scale: float) -> float:
-    from training.inference import InferenceConfig, predict
-    from training.metrics import dice_per_class
-    from training.modelfile import load_model
-    from training.synth import generate_case
+    from training.data.synth import generate_case
+    from training.infer.pipeline import InferenceConfig, predict
+    from training.model.modelfile import load_model
+    from training.train.metrics import dice_per_class
 
     model = load_model(model_dir)
     scores = []
     for s in seeds:
         volume, truth = generate_case(ORGAN, s, scale)
-        pred = predict(model, volume, [name], InferenceConfig(device="cpu"))[name]
+        pred = predict(model, volume, [name], InferenceConfig(device="cpu"))[name].labels
         scores.append(dice_per_class(pred, (truth > 0).astype(np.uint8), 2)[0])
     return float(np.mean(scores))
 
@@ -111,8 +111,8 @@ def main() -> int:
     parser.add_argument("--unseen", type=int, default=2, help="unseen volumes to average Dice over")
     args = parser.parse_args()
 
-    from training.resources import bundled_model_dir
-    from training.synth import generate_case
+    from training.data.synth import generate_case
+    from training.io.folders import bundled_model_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
     try:

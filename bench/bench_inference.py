@@ -72,7 +72,7 @@ class PeakRSS:
 def paper_net(arch_base=16, levels=6):
     import torch
 
-    from training.network import ArchConfig, DomainConfig, U2Net
+    from training.model.network import ArchConfig, DomainConfig, U2Net
 
     torch.manual_seed(0)
     return U2Net(ArchConfig(arch_base, levels), [DomainConfig("bench", 1, 2)]).eval()
@@ -84,7 +84,7 @@ def tiny_net():
     import torch
     from torch import nn
 
-    from training.network import DomainConfig
+    from training.model.network import DomainConfig
 
     class OneConv(nn.Module):
         def __init__(self):
@@ -113,9 +113,9 @@ def monai_run(fn, image, overlap=0.5):
 def speed_case(quick: bool, backends: list[str]) -> list[dict]:
     import torch
 
-    from training.backends import COMPILED_CACHE, OPENVINO_CACHE, openvino_available
-    from training.network import ArchConfig, FullConvUNet
-    from training.sliding_window import count_tiles, sliding_window
+    from training.infer.backends import COMPILED_CACHE, OPENVINO_CACHE, openvino_available
+    from training.infer.sliding_window import count_tiles, sliding_window
+    from training.model.network import ArchConfig, FullConvUNet
 
     shape = SPEED_SHAPE_QUICK if quick else SPEED_SHAPE
     net = paper_net()
@@ -182,8 +182,8 @@ def memory_worker(which: str, quick: bool) -> None:
     import numpy as np
     import torch
 
-    from training.backends import TorchRunner
-    from training.sliding_window import sliding_window_labels
+    from training.infer.backends import TorchRunner
+    from training.infer.sliding_window import sliding_window_labels
 
     shape = MEMORY_SHAPE_QUICK if quick else MEMORY_SHAPE
     net = tiny_net()

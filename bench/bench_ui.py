@@ -74,9 +74,9 @@ def fallback_model(tmp: Path, domain: str, volume) -> Path:
     """A random model with one CT domain (used only when no bundled model is installed)."""
     import torch
 
-    from training.modelfile import AdapterMeta, make_classes, save_model
-    from training.network import ArchConfig, DomainConfig, U2Net
-    from training.synth import domain_info
+    from training.data.synth import domain_info
+    from training.model.modelfile import AdapterMeta, make_classes, save_model
+    from training.model.network import ArchConfig, DomainConfig, U2Net
 
     info = domain_info(domain)
     torch.manual_seed(0)
@@ -110,8 +110,8 @@ def main() -> int:
 
     from napari_u2net._sample_data import SYNTHETIC_SEED, synthetic_domain
     from napari_u2net._widget import DomainSelectorWidget
-    from training.resources import bundled_model_dir
-    from training.synth import generate_case
+    from training.data.synth import generate_case
+    from training.io.folders import bundled_model_dir
 
     domain = synthetic_domain()
     volume, truth = generate_case(domain, SYNTHETIC_SEED, size_scale=args.size_scale)

@@ -57,16 +57,16 @@ def main() -> int:
 
     warnings.filterwarnings("ignore", message="napari support for the PyQt5")
     import napari
+    from bench_finetune import ORGAN, random_base_model
     from qtpy.QtCore import QElapsedTimer, QTimer
     from qtpy.QtWidgets import QApplication
 
-    from bench_finetune import ORGAN, random_base_model
     from napari_u2net._finetune import FineTuneWidget
     from napari_u2net._geometry import to_napari_affine
     from napari_u2net._reader import volume_layer_data
     from napari_u2net._widget import DomainSelectorWidget
-    from training.resources import bundled_model_dir
-    from training.synth import domain_info, generate_case
+    from training.data.synth import domain_info, generate_case
+    from training.io.folders import bundled_model_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_ui_train_"))
     bundled = bundled_model_dir()

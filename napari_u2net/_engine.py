@@ -34,7 +34,7 @@ class ModelChoice:
 
     label: str
     kind: str  # "bundled" | "cached" | "registry" | "local"
-    spec: str | None  # what training.registry.resolve_model takes (None = bundled)
+    spec: str | None  # what training.model.registry.resolve_model takes (None = bundled)
     available: bool = True
     description: str = ""
     path: Path | None = None
@@ -42,7 +42,7 @@ class ModelChoice:
 
 def model_choices() -> list[ModelChoice]:
     """The bundled model (flagged when missing) and every registry/cached model."""
-    from training.resources import bundled_model_dir
+    from training.io.folders import bundled_model_dir
 
     choices: list[ModelChoice] = []
     try:
@@ -50,7 +50,7 @@ def model_choices() -> list[ModelChoice]:
     except FileNotFoundError:
         bundled = None
     try:
-        from training.registry import list_models
+        from training.model.registry import list_models
     except ImportError:
         list_models = None
     entries = []
@@ -88,7 +88,7 @@ def resolve_choice(choice: ModelChoice, progress: Callable | None = None) -> Pat
             "the bundled model is not installed in this copy of napari-u2net; pick a registry model "
             "or a local model folder (or run `make model` in a checkout)"
         )
-    from training.registry import resolve_model
+    from training.model.registry import resolve_model
 
     try:
         return Path(resolve_model(choice.spec, progress=progress))
@@ -98,7 +98,7 @@ def resolve_choice(choice: ModelChoice, progress: Callable | None = None) -> Pat
 
 def load_model_cpu(model_dir: Path):
     """Load every adapter of a model directory on the CPU (inference moves it to its device)."""
-    from training.modelfile import load_model
+    from training.model.modelfile import load_model
 
     with _LOAD_LOCK:
         return load_model(model_dir, "cpu")
@@ -108,7 +108,7 @@ def available_devices() -> dict[str, bool]:
     """Which device names can run here (imports torch: call it from a worker)."""
     import torch
 
-    from training.devices import mps_available
+    from training.io.devices import mps_available
 
     return {"auto": True, "cpu": True, "cuda": bool(torch.cuda.is_available()), "mps": mps_available()}
 
@@ -122,12 +122,12 @@ def warm_up(kind: str = "inference") -> None:
     nibabel + ITK's first filter ≈ 120 ms at the first Train; vispy's dash patterns ≈ 65 ms inside
     the first Labels layer insertion.
     """
-    import nibabel  # noqa: F401  (training.resample imports both lazily)
+    import nibabel  # noqa: F401  (training.io.resample imports both lazily)
     import SimpleITK  # noqa: F401
 
-    import training.inference  # noqa: F401
-    import training.postprocess  # noqa: F401
-    from training.resample import canonical_orientation, resample
+    import training.infer.pipeline  # noqa: F401
+    import training.infer.postprocess  # noqa: F401
+    from training.io.resample import canonical_orientation, resample
 
     # ITK's first filter run sets up its factories and thread pool with the GIL held (≈ 75 ms).
     eye = np.eye(4)
@@ -138,8 +138,8 @@ def warm_up(kind: str = "inference") -> None:
     if kind == "training":
         import torch
 
-        import training.adaptation  # noqa: F401
-        import training.training_run  # noqa: F401
+        import training.train.adaptation  # noqa: F401
+        import training.train.runs  # noqa: F401
 
         # One optimizer step finishes torch's lazy set-up (torch._dynamo, fused kernels' checks).
         p = torch.nn.Parameter(torch.zeros(2))
@@ -214,7 +214,7 @@ def check_case(channels: int, layer_name: str, metas: list) -> None:
 class RunRequest:
     """Everything one segmentation run needs; built on the GUI thread, read in the worker."""
 
-    model: object  # training.modelfile.Model
+    model: object  # training.model.modelfile.Model
     data: np.ndarray  # (C, D0, D1, D2)
     affine: np.ndarray  # 4×4
     domains: list[str]
@@ -265,13 +265,13 @@ class RunReport:
 
 
 def default_predict(model, volume, domains, config=None, progress=None, cancel=None):
-    from training.inference import predict
+    from training.infer.pipeline import predict
 
     return predict(model, volume, domains, config=config, progress=progress, cancel=cancel)
 
 
 def make_config(request: RunRequest):
-    from training.inference import InferenceConfig
+    from training.infer.pipeline import InferenceConfig
 
     return InferenceConfig(device=request.device, overlap=request.overlap, postprocess=request.postprocess)
 
@@ -327,9 +327,9 @@ def _child_predict(model_dir, domains, data, affine, header, source, config, thr
         import torch
 
         torch.set_num_threads(threads)
-        from training.inference import predict
-        from training.modelfile import load_model
-        from training.volume import Volume
+        from training.infer.pipeline import predict
+        from training.io.volume import Volume
+        from training.model.modelfile import load_model
 
         model = load_model(model_dir, "cpu", domains=list(domains))
         volume = Volume(data, affine, header=header, source=source)
@@ -358,7 +358,7 @@ class _Progress:
 
 
 def predict_in_subprocess(request: RunRequest, config, progress: Callable, cancel: threading.Event) -> dict:
-    """:func:`training.inference.predict` in a spawned child process, with progress and cancel."""
+    """:func:`training.infer.pipeline.predict` in a spawned child process, with progress and cancel."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -409,7 +409,7 @@ def run_segmentation(
     ``cancel`` is handed to the prediction, which stops at its next tile batch and raises
     :class:`Cancelled`; nothing partial is returned. Closing the generator early sets it too.
     """
-    from training.volume import Volume
+    from training.io.volume import Volume
 
     predict_fn = predict_fn or default_predict
     if config is None and predict_fn is default_predict:
@@ -449,6 +449,7 @@ def run_segmentation(
         result = stop.value or {}
     finally:
         gen.close()
+    result = getattr(result, "labels", result)  # interim: a Prediction from the core
     if cancel.is_set():
         raise Cancelled("segmentation cancelled; no layer was added")
     missing = [d for d in request.domains if d not in result]

@@ -1,7 +1,7 @@
 """The fine-tune dock widget: teach the model a new domain from corrected labels, in napari.
 
 The GUI thread only reads layers, checks them, and turns the worker's
-:class:`~training.trainer.TrainReport` stream into the plot and the progress line. Training runs
+:class:`~training.train.trainer.TrainReport` stream into the plot and the progress line. Training runs
 in a napari thread worker (``_finetune_worker.finetune_job``) in a staging folder; the adapter
 reaches the user's model directory only once training ended (or was stopped and the user chose to
 keep the best checkpoint), and the domain selector docked in the same viewer then lists it.
@@ -76,7 +76,7 @@ class FineTuneWidget(QWidget):
     ``selector``: the domain selector to update when a domain is saved (default: the one docked
     in the viewer). ``ask_keep(result) -> bool`` answers "keep the best adapter so far?" after a
     Stop; ``confirm_overwrite(name, folder) -> bool`` answers "replace the existing domain?".
-    ``train_fn`` replaces :func:`training.adaptation.adapt_domain` (tests, benchmarks).
+    ``train_fn`` replaces :func:`training.train.adaptation.adapt_domain` (tests, benchmarks).
     """
 
     def __init__(
@@ -243,7 +243,7 @@ class FineTuneWidget(QWidget):
         folder = getattr(sel, "model_dir", None) if sel is not None else None
         if folder is None:
             try:
-                from training.resources import bundled_model_dir
+                from training.io.folders import bundled_model_dir
 
                 folder = bundled_model_dir()
             except FileNotFoundError:
@@ -293,7 +293,7 @@ class FineTuneWidget(QWidget):
 
     def _closest(self, modality: str, exclude: str | None = None) -> str | None:
         """The domain 'auto' starts from: the trainer's own rule (modality, channels, classes)."""
-        from training.domain_match import closest_domain_name
+        from training.model.domain_match import closest_domain_name
 
         num_classes = len(fw.parse_class_names(self.gui.classes_edit.text()))
         candidates = [
@@ -349,8 +349,8 @@ class FineTuneWidget(QWidget):
 
     def make_request(self) -> fw.FineTuneRequest:
         """Read and check everything the user set; InputError names what to fix."""
-        from training.training_run import domain_name
-        from training.trainer import TrainConfig
+        from training.train.runs import domain_name
+        from training.train.trainer import TrainConfig
 
         g = self.gui
         raw = g.name_edit.text().strip()
@@ -365,7 +365,7 @@ class FineTuneWidget(QWidget):
         only = g.sparse_check.isChecked()
         pairs = self._pairs(only)
         names = fw.parse_class_names(g.classes_edit.text())
-        top = max(int(p.labels[p.labels != fw.IGNORE].max()) for p in pairs)
+        top = max(int(p.labels[p.labels != fw.IGNORE_INDEX].max()) for p in pairs)
         if len(names) < 2:
             raise InputError("give the class names, background first, comma-separated (e.g. background, liver)")
         if top >= len(names):
@@ -457,7 +457,7 @@ class FineTuneWidget(QWidget):
         self.gui.plot.clear(request.config.iterations)
         self.gui.progress_bar.setValue(0)
         self.gui.progress_bar.setFormat("starting…")
-        n_vox = sum(int((p.labels != fw.IGNORE).sum()) for p in request.pairs)
+        n_vox = sum(int((p.labels != fw.IGNORE_INDEX).sum()) for p in request.pairs)
         self.gui.status_label.setText(
             f"Training {request.name!r} on {len(request.pairs)} image(s), {n_vox:,} labelled voxels…"
         )
@@ -572,7 +572,7 @@ def _is_user_folder(folder: Path) -> bool:
     Any other base model (bundled, downloaded, a folder picked on disk) is copied first, so
     fine-tuning never writes into a package folder, a checksummed download or someone's model.
     """
-    from training.registry import cache_dir
+    from training.io.folders import cache_dir
 
     folder = folder.resolve()
     return folder.parent == (cache_dir() / "models").resolve() and folder.name.startswith("user")

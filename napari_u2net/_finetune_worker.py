@@ -1,6 +1,6 @@
 """The fine-tune job without Qt: checks the user's layers, stages a model copy, trains, publishes.
 
-Why a staging copy: :func:`training.adaptation.adapt_domain` writes the adapter into the model
+Why a staging copy: :func:`training.train.adaptation.adapt_domain` writes the adapter into the model
 directory it trains in (at the end, and when stopped). The panel must be able to *discard* a
 stopped run and to keep the best checkpoint rather than the last, so training happens in
 ``<target>/.staging-<name>-<id>/`` (hard links to the trunk and adapters: nothing is copied, and the
@@ -25,11 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from training.errors import InputError, U2NetError
-from training.registry import trunk_hash_of
+from training.io.volume import IGNORE_INDEX
+from training.model.layout import ADAPTER_DIR, TRUNK_FILE, trunk_hash_of
 
-IGNORE = 255
-TRUNK_FILE = "trunk.safetensors"
-ADAPTER_DIR = "adapters"
 STAGING_PREFIX = ".staging-"
 BEST_FILE = "best.safetensors"
 
@@ -45,7 +43,7 @@ def prepare_labels(labels: np.ndarray, name: str, only_labelled_slices: bool) ->
     if labels.dtype.kind not in "iub":
         raise InputError(f"labels layer {name!r} holds {labels.dtype} values; a labels layer of integers is needed")
     top = int(labels.max()) if labels.size else 0
-    if top >= IGNORE:
+    if top >= IGNORE_INDEX:
         raise InputError(
             f"labels layer {name!r} uses label {top}: at most 254 classes can be trained (255 marks "
             "unlabelled voxels); renumber the labels 1, 2, … or split the structures into several domains"
@@ -59,8 +57,8 @@ def prepare_labels(labels: np.ndarray, name: str, only_labelled_slices: bool) ->
     out = labels.astype(np.uint8)
     if only_labelled_slices:
         painted = out.reshape(out.shape[0], -1).any(axis=1)
-        out[~painted] = IGNORE
-    valid = out[out != IGNORE]
+        out[~painted] = IGNORE_INDEX
+    valid = out[out != IGNORE_INDEX]
     values = np.unique(valid)
     if len(values) < 2:
         what = "background" if values[0] != 0 else "any structure"
@@ -74,7 +72,7 @@ def prepare_labels(labels: np.ndarray, name: str, only_labelled_slices: bool) ->
 
 def labelled_slices(labels: np.ndarray) -> list[int]:
     """Indices along axis 0 of the slices that are looked at (not all 255)."""
-    return [int(i) for i in np.nonzero((labels != IGNORE).reshape(labels.shape[0], -1).any(axis=1))[0]]
+    return [int(i) for i in np.nonzero((labels != IGNORE_INDEX).reshape(labels.shape[0], -1).any(axis=1))[0]]
 
 
 def check_geometry(image_name: str, image_shape, image_affine, labels_name: str, labels_shape, labels_affine) -> None:
@@ -94,7 +92,7 @@ def check_geometry(image_name: str, image_shape, image_affine, labels_name: str,
 def default_class_names(labels: np.ndarray, features=None) -> list[str]:
     """Class names from a labels layer's features (a 'class' or 'name' column), else generic ones."""
     top = max(int(np.max(labels)) if np.size(labels) else 0, 1)
-    names = ["background"] + [f"class {i}" for i in range(1, min(top, IGNORE - 1) + 1)]
+    names = ["background"] + [f"class {i}" for i in range(1, min(top, IGNORE_INDEX - 1) + 1)]
     if features is None or not hasattr(features, "columns") or len(features) == 0:
         return names
     column = next((c for c in ("class", "name") if c in features.columns), None)
@@ -115,7 +113,7 @@ def parse_class_names(text: str) -> list[str]:
 # -- model directories ------------------------------------------------------------------------------
 def default_user_dir(source: Path, trunk_hash: str, home: Path | None = None) -> Path:
     """``<U2NET_HOME or OS cache>/models/user``; ``user-<hash>`` if that one has another trunk."""
-    from training.registry import cache_dir
+    from training.io.folders import cache_dir
 
     base = (home or cache_dir()) / "models"
     first = base / "user"
@@ -125,7 +123,7 @@ def default_user_dir(source: Path, trunk_hash: str, home: Path | None = None) ->
 
 
 def model_domains(model_dir: Path) -> list[dict]:
-    from training.registry import model_dir_domains
+    from training.model.layout import model_dir_domains
 
     return model_dir_domains(Path(model_dir))[0]
 
@@ -216,7 +214,7 @@ class FineTuneRequest:
     class_names: list[str]
     modality: str = "CT"
     init_from: str | None = "auto"
-    config: object = None  # training.trainer.TrainConfig
+    config: object = None  # training.train.trainer.TrainConfig
     only_labelled_slices: bool = False
     overwrite: bool = False
     colors: list[str] | None = None
@@ -269,8 +267,8 @@ def finetune_job(request: FineTuneRequest, stop, train_fn: Callable | None = Non
 
     import torch
 
-    from training.adaptation import adapt_domain
-    from training.volume import Volume
+    from training.io.volume import Volume
+    from training.train.adaptation import adapt_domain
 
     train_fn = train_fn or adapt_domain
     config = request.config
@@ -326,14 +324,14 @@ def provenance_for(result: FineTuneResult, chosen: Path) -> dict:
     req = result.request
     pairs = []
     for p in req.pairs:
-        counts = np.bincount(p.labels[p.labels != IGNORE].ravel(), minlength=len(req.class_names))
+        counts = np.bincount(p.labels[p.labels != IGNORE_INDEX].ravel(), minlength=len(req.class_names))
         pairs.append({
             "image": p.image_name,
             "labels": p.labels_name,
             "shape": [int(s) for s in p.labels.shape],
             "labelled_slices": len(labelled_slices(p.labels)),
             "voxels": {req.class_names[i]: int(c) for i, c in enumerate(counts[: len(req.class_names)])},
-            "ignored_voxels": int((p.labels == IGNORE).sum()),
+            "ignored_voxels": int((p.labels == IGNORE_INDEX).sum()),
         })
     last = result.reports[-1] if result.reports else None
     best = chosen == result.best_file
@@ -355,7 +353,7 @@ def provenance_for(result: FineTuneResult, chosen: Path) -> dict:
 
 def publish(result: FineTuneResult) -> Path:
     """Stamp the provenance into the chosen adapter and move it into the user's model (atomic)."""
-    from training.modelfile import read_weights, write_weights
+    from training.model.modelfile import read_weights, write_weights
 
     chosen = result.chosen_file
     state, meta = read_weights(chosen, "adapter")

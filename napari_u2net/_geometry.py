@@ -1,4 +1,4 @@
-"""Geometry between napari layers and our :class:`training.volume.Volume` (no Qt here).
+"""Geometry between napari layers and our :class:`training.io.volume.Volume` (no Qt here).
 
 A volume's ``affine`` maps an array index ``(d0, d1, d2)`` to RAS millimetres. napari slices
 world axes with the data axes of the same position, so a world in (R, A, S) order would pair

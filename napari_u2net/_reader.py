@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-from training.volume import Volume, is_nifti, read_image
+from training.io.volume import Volume, is_nifti, read_image
 
 from ._geometry import META_KEY, volume_layer_affine
 

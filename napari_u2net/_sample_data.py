@@ -63,7 +63,7 @@ def synthetic_domain() -> str:
 
 def _domain_classes(domain: str) -> tuple[list[str], list[str]]:
     """(class names incl. background, colours) of a synthetic domain."""
-    from training.synth import domain_info
+    from training.data.synth import domain_info
 
     info = domain_info(domain)
     return list(info.classes), list(info.colors)
@@ -71,7 +71,7 @@ def _domain_classes(domain: str) -> tuple[list[str], list[str]]:
 
 def synthetic_ct() -> list[tuple]:
     """A synthetic CT-like volume (fixed seed) and its ground truth labels."""
-    from training.synth import generate_case
+    from training.data.synth import generate_case
 
     domain = synthetic_domain()
     volume, labels = generate_case(domain, SYNTHETIC_SEED)
@@ -83,7 +83,7 @@ def synthetic_ct() -> list[tuple]:
 
 def mni152_t1() -> list[tuple]:
     """The MNI152 T1 template (2 mm) and its grey/white matter labels (needs nilearn)."""
-    from training.mni152 import CLASS_COLORS, CLASS_NAMES, DOMAIN, load_mni152, mni152_available
+    from training.data.mni152 import CLASS_COLORS, CLASS_NAMES, DOMAIN, load_mni152, mni152_available
 
     if not mni152_available():
         raise InputError("the MNI152 sample needs nilearn: pip install nilearn (or napari-u2net[nilearn])")

@@ -20,8 +20,8 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QVBoxLayout, QWidget
 
-from training.domain_match import suggest_domain
 from training.errors import InputError
+from training.model.domain_match import suggest_domain
 
 from . import _engine
 from ._devices import start_device_probe
@@ -159,7 +159,7 @@ def make_result_layer(image_name, domain, labels, meta, request, geometry, src_m
 class DomainSelectorWidget(QWidget):
     """Segment an image layer with one or several domains of a U²-Net model.
 
-    ``predict_fn`` replaces :func:`training.inference.predict` (same signature), for tests and
+    ``predict_fn`` replaces :func:`training.infer.pipeline.predict` (same signature), for tests and
     benchmarks; the default is the real inference.
     """
 
@@ -174,7 +174,7 @@ class DomainSelectorWidget(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.gui)
 
-        self.model = None  # training.modelfile.Model once loaded
+        self.model = None  # training.model.modelfile.Model once loaded
         self.model_dir: Path | None = None
         self.worker = None  # the segmentation worker while it runs
         self.model_worker = None

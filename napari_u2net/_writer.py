@@ -1,7 +1,7 @@
 """npe2 writer: a Labels layer → NIfTI with the geometry of the image it was computed on.
 
 napari's own save dialog asks before overwriting; the file is then written atomically (temporary
-file + rename, :func:`training.volume.write_labels`), so a crash never leaves half a file.
+file + rename, :func:`training.io.volume.write_labels`), so a crash never leaves half a file.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from training.errors import InputError
-from training.volume import Volume, is_nifti, write_labels
+from training.io.volume import Volume, is_nifti, write_labels
 
 from ._geometry import META_KEY, from_napari_affine
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.modelfile import AdapterMeta, make_classes, save_model
-from training.network import ArchConfig, DomainConfig, U2Net
+from training.model.modelfile import AdapterMeta, make_classes, save_model
+from training.model.network import ArchConfig, DomainConfig, U2Net
 
 SMALL_ARCH = ArchConfig(base_channels=4, levels=3, max_channels=16)
 

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from training.adaptation import adapt_domain, cases_from_arrays, closest_domain
-from training.cli import main as cli_main
-from training.errors import U2NetError
-from training.metrics import dice_per_class
-from training.modelfile import load_model
-from training.network import ArchConfig
-from training.trainer import TrainConfig, consume
-from training.training_run import train_model
-from training.volume import Volume, write_nifti
 from tests.training_data import ball_case, ball_domain
+from training.commands.cli import main as cli_main
+from training.errors import U2NetError
+from training.io.volume import Volume, write_nifti
+from training.model.modelfile import load_model
+from training.model.network import ArchConfig
+from training.train.adaptation import adapt_domain, cases_from_arrays, closest_domain
+from training.train.metrics import dice_per_class
+from training.train.runs import train_model
+from training.train.trainer import TrainConfig, consume
 
 ARCH = ArchConfig(base_channels=4, levels=3)
 
@@ -70,10 +70,10 @@ def test_adapting_learns_a_new_domain_and_leaves_old_ones_bit_identical(base_mod
     for k, v in net0.state_dict().items():
         assert torch.equal(model.net.state_dict()[k], v), k
     # The adapter learned: raw image in, labels out (through the full inference path).
-    from training.inference import InferenceConfig, predict
+    from training.infer.pipeline import InferenceConfig, predict
 
     test_img, test_lab = ball_case(300, contrast=-2.0)
-    pred = predict(model, Volume(test_img, np.eye(4)), ["dark"], InferenceConfig(device="cpu"))["dark"]
+    pred = predict(model, Volume(test_img, np.eye(4)), ["dark"], InferenceConfig(device="cpu"))["dark"].labels
     assert dice_per_class(pred, test_lab, 2)[0] > 0.7
 
 
@@ -122,7 +122,7 @@ def test_annotated_images_are_resampled_to_their_median_spacing():
 
 
 def test_closest_domain_prefers_modality_then_channels(model_dir):
-    from training.modelfile import AdapterMeta, make_classes
+    from training.model.modelfile import AdapterMeta, make_classes
 
     model = load_model(model_dir)  # domains "ct" (1 channel) and "mr2" (2 channels), both CT
     model.adapters["mr2"].modality = "MR"

@@ -1,10 +1,10 @@
 import numpy as np
 import torch
 
-from training.augment import AugmentConfig, augment_batch
-from training.losses import IGNORE_INDEX
-from training.sampling import ArrayCase, PatchSampler
 from tests.training_data import ball_case
+from training.io.volume import IGNORE_INDEX
+from training.train.augment import AugmentConfig, augment_batch
+from training.train.sampling import ArrayCase, PatchSampler
 
 
 def _batch():

@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from training import synth
-from training.datasets import SPLIT_FILE, load_dataset, load_split, make_splits
+from training.data import synth
+from training.data.datasets import SPLIT_FILE, load_dataset, load_split, make_splits
+from training.data.preprocess import plan_dataset, preprocess_dataset
 from training.errors import DatasetError
-from training.preprocess import plan_dataset, preprocess_dataset
-from training.volume import read_image, write_labels, write_nifti
+from training.io.volume import read_image, write_labels, write_nifti
 
 
 @pytest.fixture(scope="module")

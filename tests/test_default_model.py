@@ -2,8 +2,8 @@
 
 import json
 
-from training.default_model import main
-from training.modelfile import TRUNK_FILE, load_model
+from scripts.default_model import main
+from training.model.modelfile import TRUNK_FILE, load_model
 
 
 def test_recipe_writes_evaluated_half_precision_model(tmp_path, capsys):
@@ -19,7 +19,7 @@ def test_recipe_writes_evaluated_half_precision_model(tmp_path, capsys):
     prov = meta.provenance
     assert prov["recipe"]["iterations"] == 3 and prov["recipe"]["seed"] == 0
     assert prov["heldout_evaluation"]["cases"] == 1
-    assert "python -m training.default_model" in prov["command"]
+    assert "python -m scripts.default_model" in prov["command"]
     assert json.loads((out / "evaluation.json").read_text())["hippocampus-mr"]["mean_dice"] == figures["hippocampus-mr"]
     # float16 on disk: two bytes per weight plus a small header.
     n = sum(p.numel() for p in model.net.trunk.parameters())
@@ -67,7 +67,7 @@ def test_per_domain_size_scale_and_weight_are_applied_and_recorded(tmp_path, cap
 def test_adapted_domain_is_added_on_the_frozen_trunk_and_withheld_one_left_out(tmp_path, capsys):
     import pytest
 
-    from training.modelfile import adapter_path
+    from training.model.modelfile import adapter_path
 
     out, work = tmp_path / "m", tmp_path / "work"
     argv = [str(out), "--work", str(work), "--domains", "hippocampus-mr", "heart-mr",
@@ -109,9 +109,9 @@ def test_adapted_domain_is_added_on_the_frozen_trunk_and_withheld_one_left_out(t
 def test_bundled_model_ships_only_domains_that_meet_the_quality_bar():
     """Every shipped domain has its held-out figure, and it meets the goal: ≥ 0.85 mean foreground
     Dice for a synthetic domain, ≥ 0.80 for grey and white matter on the MNI152 cases."""
-    from training.default_model import BRAIN_DOMAIN
-    from training.resources import bundled_model_dir
-    from training.synth import list_domains
+    from scripts.default_model import BRAIN_DOMAIN
+    from training.data.synth import list_domains
+    from training.io.folders import bundled_model_dir
 
     folder = bundled_model_dir()
     figures = json.loads((folder / "evaluation.json").read_text())

@@ -9,20 +9,20 @@ from pathlib import Path
 
 import torch
 
-from training.modelfile import load_model, weights_hash
 from tests.training_data import TINY_TRAIN_ARGS, small_synth_dataset
+from training.model.modelfile import load_model, weights_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     hip = small_synth_dataset(tmp_path / "hip", "hippocampus-mr", cases=2)
-    from training.synth import write_dataset
+    from training.data.synth import write_dataset
 
     pro = write_dataset(tmp_path / "pro", "prostate-mr", 2, 1, size_scale=0.4)
     out = tmp_path / "model"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "training.cli", "train", str(hip), str(pro), "-o", str(out), "--iterations", "4",
+           "-m", "training.commands.cli", "train", str(hip), str(pro), "-o", str(out), "--iterations", "4",
            "--checkpoint-every", "2", *TINY_TRAIN_ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -59,8 +59,8 @@ def test_rank_lines_reach_the_shared_pipe_in_one_write_each(monkeypatch):
     its newline apart when Python runs unbuffered, as CI does) let another rank's line land inside
     the JSON summary. Each line must be one write, newline included."""
     from training.commands._trainargs import print_rank_hash, summary_line
-    from training.distributed import DistInfo
-    from training.trainer import TrainReport
+    from training.train.distributed import DistInfo
+    from training.train.trainer import TrainReport
 
     report = TrainReport(iteration=4, domain="d", loss=0.5, lr=0.1, seconds=1.0, eta_s=0.0,
                          val_dice={"d": {"c": 0.5}}, val_mean=0.5, iterations=4, weights_hash="ab" * 32)

@@ -13,21 +13,22 @@ from nibabel.testing import data_path
 from torch import nn
 
 from tests.conftest import adapter_meta, small_net
-from training import backends, inference
 from training.errors import Cancelled, InputError
-from training.inference import InferenceConfig, predict, predict_files
-from training.modelfile import Model, TrunkMeta, make_classes
-from training.network import ArchConfig, DomainConfig
-from training.postprocess import component_counts, keep_largest_components
-from training.resample import canonical_orientation, reorient_affine, reorient_array, undo_reorient_array
-from training.sliding_window import (
+from training.infer import backends
+from training.infer import pipeline as inference
+from training.infer.pipeline import InferenceConfig, predict, predict_files
+from training.infer.postprocess import component_counts, keep_largest_components
+from training.infer.sliding_window import (
     InferenceProgress,
     OomPolicy,
     count_tiles,
     sliding_window,
     tile_starts,
 )
-from training.volume import Volume, read_image, write_labels, write_nifti
+from training.io.resample import canonical_orientation, reorient_affine, reorient_array, undo_reorient_array
+from training.io.volume import Volume, read_image, write_labels, write_nifti
+from training.model.modelfile import Model, TrunkMeta, make_classes
+from training.model.network import ArchConfig, DomainConfig
 
 PATCH = (16, 24, 24)
 CPU = InferenceConfig(device="cpu")
@@ -66,7 +67,7 @@ def threshold_model(spacing=(1.0, 1.0, 1.0), num_classes: int = 2, domains=("cub
 
 
 def inference_meta(domain, names, spacing):
-    from training.modelfile import AdapterMeta
+    from training.model.modelfile import AdapterMeta
 
     return AdapterMeta(domain=domain, modalities=["CT"], classes=make_classes(names), spacing=list(spacing),
                        patch_size=list(PATCH), normalization=[{"scheme": "none"}])
@@ -243,7 +244,7 @@ def test_labelled_cube_lands_where_it_was(tmp_path, name, spacing):
     if spacing is None:  # the domain's spacing is the image's: no resampling at all
         spacing = tuple(canonical_spacing(affine))
     model = threshold_model(spacing)
-    labels = predict(model, volume, ["cube"], CPU)["cube"]
+    labels = predict(model, volume, ["cube"], CPU)["cube"].labels
     truth = volume.data[0] > 0.5
     assert labels.shape == volume.shape and labels.dtype == np.uint8
     assert dice(labels == 1, truth) > 0.9
@@ -277,7 +278,7 @@ def test_real_nifti_files_round_trip(tmp_path, filename):
     volume = Volume((data > threshold).astype(np.float32)[None], volume.affine, volume.header, source=source)
     truth = volume.data[0] > 0.5
     labels = predict(threshold_model((3.0, 3.0, 3.0)), volume, ["cube"],
-                     InferenceConfig(device="cpu", postprocess=False))["cube"]
+                     InferenceConfig(device="cpu", postprocess=False))["cube"].labels
     assert labels.shape == volume.shape
     assert (labels == 1).mean() == pytest.approx(truth.mean(), abs=0.05)
     assert dice(labels == 1, truth) > 0.7  # coarse 3 mm grid: edges move, the bulk stays
@@ -291,7 +292,7 @@ def test_real_nifti_files_round_trip(tmp_path, filename):
 def test_real_network_on_oblique_file_keeps_geometry():
     volume = read_image(os.path.join(data_path, "example4d.nii.gz"))
     volume = Volume(volume.data[:1], volume.affine, volume.header)
-    labels = predict(small_model(spacing=(4.0, 4.0, 4.0)), volume, ["ct"], CPU)["ct"]
+    labels = predict(small_model(spacing=(4.0, 4.0, 4.0)), volume, ["ct"], CPU)["ct"].labels
     assert labels.shape == volume.shape and labels.dtype == np.uint8
     assert set(np.unique(labels)) <= {0, 1}
 
@@ -308,23 +309,23 @@ def test_several_domains_share_the_resampling(monkeypatch):
     volume = cube_volume((20, 28, 24), _affines()["ras"])  # canonical already: shapes stay put
     model = threshold_model((1.5, 1.5, 1.5), domains=("a", "b"))
     out = predict(model, volume, ["a", "b"], CPU)
-    assert np.array_equal(out["a"], out["b"])
+    assert np.array_equal(out["a"].labels, out["b"].labels)
     forward = [s for s in calls if s == (20, 28, 24)]
     assert len(forward) == 1  # the image was resampled once; the rest are per-class resamplings back
 
 
 def test_many_classes_give_uint16_labels():
     volume = cube_volume((8, 10, 12), np.eye(4))
-    labels = predict(threshold_model(num_classes=300), volume, ["cube"], CPU)["cube"]
+    labels = predict(threshold_model(num_classes=300), volume, ["cube"], CPU)["cube"].labels
     assert labels.dtype == np.uint16 and labels.max() == 1
 
 
 def test_small_and_constant_volumes_work():
     model = small_model(spacing=(1.0, 1.0, 1.0))
     tiny = Volume(np.random.default_rng(0).random((1, 5, 7, 9)).astype(np.float32), np.eye(4))
-    assert predict(model, tiny, ["ct"], CPU)["ct"].shape == (5, 7, 9)
+    assert predict(model, tiny, ["ct"], CPU)["ct"].labels.shape == (5, 7, 9)
     constant = Volume(np.full((1, 12, 30, 20), 7, dtype=np.int16), np.eye(4))
-    labels = predict(model, constant, ["ct"], CPU)["ct"]
+    labels = predict(model, constant, ["ct"], CPU)["ct"].labels
     assert labels.shape == (12, 30, 20)
 
 
@@ -372,9 +373,9 @@ def test_prediction_keeps_the_domains_number_of_components():
     volume = Volume(data, np.eye(4))
     model = threshold_model((1.0, 1.0, 1.0))
     assert model.meta("cube").components is None
-    assert (predict(model, volume, ["cube"], CPU)["cube"] == 1).sum() == 6**3
+    assert (predict(model, volume, ["cube"], CPU)["cube"].labels == 1).sum() == 6**3
     model.meta("cube").components = [0, 2]
-    assert (predict(model, volume, ["cube"], CPU)["cube"] == 1).sum() == 6**3 + 5**3
+    assert (predict(model, volume, ["cube"], CPU)["cube"].labels == 1).sum() == 6**3 + 5**3
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -483,7 +484,7 @@ def test_compiled_falls_back_to_eager_without_a_compiler(tmp_path, monkeypatch, 
     backends.COMPILED_CACHE.clear()
     net = small_net().eval()
     image = torch.randn(1, 16, 24, 24)
-    with caplog.at_level("WARNING", logger="training.backends"):
+    with caplog.at_level("WARNING", logger="training.infer.backends"):
         out = sliding_window(net, "ct", image, PATCH, device="cpu", backend="compiled")
     assert "no C++ compiler" in caplog.text and "eager PyTorch" in caplog.text
     assert torch.allclose(out, sliding_window(net, "ct", image, PATCH, device="cpu"), atol=1e-5)

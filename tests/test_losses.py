@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from training.losses import IGNORE_INDEX, cross_entropy, focal, lovasz_softmax, make_loss, soft_dice
+from training.io.volume import IGNORE_INDEX
+from training.train.losses import cross_entropy, focal, lovasz_softmax, make_loss, soft_dice
 
 
 def _data(seed=0, k=3):

@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from training.datasets import load_dataset
-from training.errors import DatasetError
-from training.mni152 import (
+from training.data.datasets import load_dataset
+from training.data.mni152 import (
     CLASS_NAMES,
     case_rng,
     load_mni152,
@@ -18,7 +17,8 @@ from training.mni152 import (
     mni152_files,
     write_mni152_dataset,
 )
-from training.volume import read_image
+from training.errors import DatasetError
+from training.io.volume import read_image
 
 
 @pytest.fixture(scope="module")

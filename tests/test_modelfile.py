@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.modelfile import (
+from training.model.modelfile import (
     TRUNK_FILE,
     ModelFileError,
     adapter_path,
@@ -129,7 +129,7 @@ def test_write_is_atomic(tmp_path, monkeypatch, model_dir):
     net = small_net(seed=7)
     path = adapter_path(model_dir, "ct")
     original = path.read_bytes()
-    import training.atomic as atomic
+    import training.io.atomic as atomic
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from training.commands.info import param_counts
-from training.network import (
+from training.model.network import (
     ArchConfig,
     DomainConfig,
     U2Net,

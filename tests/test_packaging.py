@@ -39,7 +39,7 @@ def test_wheel_contents(wheel):
     assert shipped and {f"training/{s}" for s in shipped} <= names
     assert not any(n.startswith(("tests/", "resources/", ".venv")) for n in names)
     assert "napari-u2net = napari_u2net:napari.yaml" in entry_points
-    assert "u2net = training.cli:main" in entry_points
+    assert "u2net = training.commands.cli:main" in entry_points
 
 
 def test_installed_wheel_finds_manifest_and_resources(wheel, tmp_path):
@@ -51,7 +51,7 @@ def test_installed_wheel_finds_manifest_and_resources(wheel, tmp_path):
         """
         import sys, json
         from importlib.util import find_spec
-        from training.resources import resources_dir
+        from training.io.folders import resources_dir
         spec = find_spec("napari_u2net")
         from pathlib import Path
         loc = Path(spec.submodule_search_locations[0])
@@ -109,7 +109,7 @@ def test_training_imports_without_qt_or_napari(tmp_path):
         for m in pkgutil.walk_packages(training.__path__, "training."):
             if not m.name.endswith("__main__"):
                 importlib.import_module(m.name)
-        from training.cli import main
+        from training.commands.cli import main
         assert main(["info", "--params", "--json"]) == 0
         bad = [m for m in sys.modules if m.split(".")[0] in ("napari", "qtpy", "PyQt5", "magicgui", "superqt")]
         assert not bad, bad

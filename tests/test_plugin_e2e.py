@@ -9,7 +9,7 @@ pytest.importorskip("napari")
 
 from napari_u2net._engine import RunRequest, drain, run_segmentation  # noqa: E402
 from napari_u2net._widget import DomainSelectorWidget  # noqa: E402
-from training.resources import bundled_model_dir  # noqa: E402
+from training.io.folders import bundled_model_dir  # noqa: E402
 
 pytestmark = pytest.mark.qt
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.qt
 def ct_model_dir(tmp_path):
     """A tiny random one-domain model at CT-sample spacing (so no large resampling)."""
     from tests.conftest import adapter_meta, small_net
-    from training.modelfile import save_model
+    from training.model.modelfile import save_model
 
     net = small_net(domains=(("ct", 1, 3),))
     # (the description's length matters only because of a modelfile bug: a safetensors header
@@ -71,8 +71,8 @@ def test_subprocess_mode_gives_the_thread_result(ct_model_dir):
     """The optional child-process inference returns what the in-thread one does."""
     import threading
 
-    from training.modelfile import load_model
-    from training.synth import generate_case
+    from training.data.synth import generate_case
+    from training.model.modelfile import load_model
 
     volume, _ = generate_case("liver-ct", 3, size_scale=0.5)
     model = load_model(ct_model_dir)
@@ -102,7 +102,7 @@ def test_bundled_model_segments_the_sample(make_napari_viewer, qtbot):
 
 
 def test_mni152_sample_has_tissue_truth_on_its_grid():
-    from training.mni152 import mni152_available
+    from training.data.mni152 import mni152_available
 
     if not mni152_available():
         pytest.skip("nilearn (MNI152 files) not installed")
@@ -123,7 +123,7 @@ def test_mni152_sample_has_tissue_truth_on_its_grid():
 def test_mni152_sample_pre_ticks_the_brain_domain(make_napari_viewer, qtbot):
     """Opened as a user does (selector docked first, then the sample), the brain T1 gets the brain
     domain ticked: by its values alone it is a 1-volume MR image, like heart-mr and hippocampus-mr."""
-    from training.mni152 import DOMAIN, mni152_available
+    from training.data.mni152 import DOMAIN, mni152_available
 
     if not mni152_available():
         pytest.skip("nilearn (MNI152 files) not installed")

@@ -18,17 +18,16 @@ import pytest
 
 pytest.importorskip("napari")
 
-from training.errors import Cancelled  # noqa: E402
-from training.inference import InferenceConfig, predict  # noqa: E402
-from training.metrics import dice_per_class  # noqa: E402
-from training.modelfile import AdapterMeta, load_model, make_classes, save_model  # noqa: E402
-from training.network import ArchConfig, DomainConfig, U2Net  # noqa: E402
-from training.synth import generate_case  # noqa: E402
-
 from napari_u2net import _finetune_worker as fw  # noqa: E402
 from napari_u2net._finetune import FineTuneWidget  # noqa: E402
 from napari_u2net._geometry import to_napari_affine  # noqa: E402
 from napari_u2net._reader import volume_layer_data  # noqa: E402
+from training.data.synth import generate_case  # noqa: E402
+from training.errors import Cancelled  # noqa: E402
+from training.infer.pipeline import InferenceConfig, predict  # noqa: E402
+from training.model.modelfile import AdapterMeta, load_model, make_classes, save_model  # noqa: E402
+from training.model.network import ArchConfig, DomainConfig, U2Net  # noqa: E402
+from training.train.metrics import dice_per_class  # noqa: E402
 
 pytestmark = pytest.mark.qt
 
@@ -70,7 +69,7 @@ def base_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_model() -> Path:
-    from training.resources import bundled_model_dir
+    from training.io.folders import bundled_model_dir
 
     folder = bundled_model_dir()
     assert (folder / "trunk.safetensors").is_file(), f"the bundled model is missing from {folder}"
@@ -137,7 +136,7 @@ def _dice_unseen(model_dir: Path, domain: str, seeds=UNSEEN) -> list[float]:
     scores = []
     for seed in seeds:
         volume, truth = generate_case(ORGAN, seed, LEARN_SCALE)
-        pred = predict(model, volume, [domain], InferenceConfig(device="cpu"))[domain]
+        pred = predict(model, volume, [domain], InferenceConfig(device="cpu"))[domain].labels
         scores.append(float(dice_per_class(pred, (truth > 0).astype(np.uint8), 2)[0]))
     print(f"fine-tune {domain}: Dice per unseen volume", [round(x, 3) for x in scores])
     return scores
@@ -184,8 +183,8 @@ def test_finetune_learns_a_new_organ_and_leaves_other_domains_bit_identical(
     for k in model_files:
         assert copied[k] == base_files[k], k
     after = predict(load_model(target), check_volume, ct_domains, InferenceConfig(device="cpu"))
-    for d in before:
-        assert np.array_equal(before[d], after[d]), d
+    for d in before.domains:
+        assert np.array_equal(before[d].labels, after[d].labels), d
 
     # Provenance: layers, voxel counts, iterations, final metrics.
     meta = load_model(target, domains=["liver"]).meta("liver")
@@ -275,8 +274,8 @@ def test_existing_name_asks_before_overwriting(make_napari_viewer, qtbot, base_m
         return answer[0]
 
     def tiny(model_dir, name, cases, class_names, modality, **kw):
-        from training.adaptation import adapt_domain
-        from training.trainer import TrainConfig
+        from training.train.adaptation import adapt_domain
+        from training.train.trainer import TrainConfig
 
         cfg = TrainConfig(iterations=2, patch_size=(8, 16, 16), device="cpu", checkpoint_every=0)
         kw["config"] = cfg

@@ -16,10 +16,9 @@ import pytest
 
 pytest.importorskip("napari")
 
-from training.errors import Cancelled  # noqa: E402
-
 from napari_u2net import _widget  # noqa: E402
 from napari_u2net._widget import DomainSelectorWidget  # noqa: E402
+from training.errors import Cancelled  # noqa: E402
 
 pytestmark = pytest.mark.qt
 
@@ -260,7 +259,7 @@ def test_model_adapter_mismatch_is_a_notification(make_napari_viewer, qtbot, mod
     import shutil
 
     from tests.conftest import adapter_meta, small_net
-    from training.modelfile import adapter_path, save_model
+    from training.model.modelfile import adapter_path, save_model
 
     other = small_net(seed=1)
     save_model(tmp_path / "other", other, {"ct": adapter_meta(other, "ct")})
@@ -283,12 +282,12 @@ def test_model_adapter_mismatch_is_a_notification(make_napari_viewer, qtbot, mod
 
 def test_missing_bundled_model_is_explained(make_napari_viewer, qtbot, monkeypatch, messages, tmp_path):
     """Without a bundled model the widget says so and still offers the other sources."""
-    import training.resources
+    import training.io.folders
 
-    monkeypatch.setattr(training.resources, "bundled_model_dir", lambda: tmp_path / "absent")
-    import training.registry
+    monkeypatch.setattr(training.io.folders, "bundled_model_dir", lambda: tmp_path / "absent")
+    import training.model.registry
 
-    monkeypatch.setattr(training.registry, "bundled_model_dir", lambda: tmp_path / "absent", raising=False)
+    monkeypatch.setattr(training.model.registry, "bundled_model_dir", lambda: tmp_path / "absent", raising=False)
     viewer = make_napari_viewer()
     widget = DomainSelectorWidget(viewer, predict_fn=ThresholdPredict())
     qtbot.waitUntil(lambda: widget.gui.model_combo.count() > 0, timeout=30000)
@@ -311,7 +310,7 @@ def test_only_available_devices_are_enabled(make_napari_viewer, qtbot, model_dir
 
 def test_modality_guess_and_domain_suggestion():
     from napari_u2net._engine import guess_modality, layer_channels
-    from training.domain_match import suggest_domain
+    from training.model.domain_match import suggest_domain
 
     ct = np.full((4, 8, 8), -1000.0)
     ct[:, 2:6, 2:6] = 60
@@ -329,10 +328,9 @@ def test_modality_guess_and_domain_suggestion():
 def test_ticked_domain_follows_the_image(make_napari_viewer, qtbot, tmp_path):
     """A CT image gets a CT domain ticked, a 2-volume image the 2-input domain, an image naming its
     domain (our samples) that one; a ticked domain that can run on the new image is kept."""
-    from tests.conftest import adapter_meta, small_net
-    from training.modelfile import save_model
-
     from napari_u2net._geometry import META_KEY
+    from tests.conftest import adapter_meta, small_net
+    from training.model.modelfile import save_model
 
     net = small_net(domains=(("heart", 1, 2), ("prostate", 2, 3), ("spleen", 1, 2)))
     modality = {"heart": "MR", "prostate": "MR", "spleen": "CT"}

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from training.cli import main
+from training.commands.cli import main
 
 
 def _image(path: Path, shape=(20, 24, 18), seed: int = 0) -> Path:

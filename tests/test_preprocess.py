@@ -7,16 +7,16 @@ import os
 import numpy as np
 import pytest
 
-from training import preprocess, synth
-from training.datasets import load_dataset
-from training.preprocess import (
+from training.data import preprocess, synth
+from training.data.datasets import load_dataset
+from training.data.preprocess import (
     PreprocessPlan,
     plan_dataset,
     preprocess_case,
     preprocess_dataset,
     suggest_patch_size,
 )
-from training.volume import Volume, read_image, write_nifti
+from training.io.volume import Volume, read_image, write_nifti
 
 PLAN = PreprocessPlan(
     spacing=[2.0, 2.0, 2.0],

@@ -12,7 +12,7 @@ from nibabel.testing import data_path
 from napari_u2net._geometry import META_KEY, from_napari_affine, layer_case
 from napari_u2net._reader import napari_get_reader, read_volume
 from napari_u2net._writer import write_labels_layer
-from training.volume import nifti_to_ours, read_image
+from training.io.volume import nifti_to_ours, read_image
 
 ANATOMICAL = os.path.join(data_path, "anatomical.nii")
 OBLIQUE_4D = os.path.join(data_path, "example4d.nii.gz")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from training.cli import main
-from training.modelfile import load_model
-from training.registry import (
+from training.commands.cli import main
+from training.model.modelfile import load_model
+from training.model.registry import (
     MANIFEST_FILE,
     RegistryError,
     cache_dir,

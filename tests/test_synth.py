@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from training import synth
-from training.cli import main
-from training.datasets import load_dataset
+from training.commands.cli import main
+from training.data import synth
+from training.data.datasets import load_dataset
 from training.errors import DatasetError
 
 SMALL = 0.3  # size scale for fast tests

@@ -5,18 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from training.augment import AugmentConfig
-from training.checkpoint import STATE_FILE
-from training.errors import U2NetError
-from training.losses import IGNORE_INDEX
-from training.metrics import dice_per_class
-from training.modelfile import load_model
-from training.network import ArchConfig
-from training.sampling import ArrayCase
-from training.sliding_window import sliding_window
-from training.trainer import TrainConfig, consume, domain_cycle
-from training.training_run import WORK_SUBDIR, train_model
 from tests.training_data import ball_case, ball_domain
+from training.errors import U2NetError
+from training.infer.sliding_window import sliding_window
+from training.io.volume import IGNORE_INDEX
+from training.model.modelfile import load_model
+from training.model.network import ArchConfig
+from training.train.augment import AugmentConfig
+from training.train.checkpoint import STATE_FILE
+from training.train.metrics import dice_per_class
+from training.train.runs import WORK_SUBDIR, train_model
+from training.train.sampling import ArrayCase
+from training.train.trainer import TrainConfig, consume, domain_cycle
 
 ARCH = ArchConfig(base_channels=4, levels=3)
 
@@ -41,7 +41,7 @@ def test_training_reduces_loss_and_segments_an_easy_domain(tmp_path):
     meta = model.meta("balls")
     assert meta.provenance["iterations"] == 80 and meta.provenance["metrics"]["val_dice"]["ball"] > 0.7
     img, lab = ball_case(555)
-    assert dice_per_class(_predict(model.net, "balls", img, (24, 24, 24)), lab, 2)[0] > 0.7
+    assert dice_per_class(_predict(model.net, "balls", img, (24, 24, 24)), lab, 2)[0].labels > 0.7
     rows = list(csv.DictReader(open(tmp_path / "m" / WORK_SUBDIR / "log.csv")))
     assert len(rows) == 80 and rows[-1]["val_mean"]
 
@@ -140,11 +140,11 @@ def test_cli_train_evaluate_predict(tmp_path, capsys):
 
     import nibabel as nib
 
-    from training.cli import main
-    from training.datasets import load_dataset
-    from training.inference import InferenceConfig, predict
-    from training.volume import read_image
     from tests.training_data import TINY_ARGS, TINY_TRAIN_ARGS, small_synth_dataset
+    from training.commands.cli import main
+    from training.data.datasets import load_dataset
+    from training.infer.pipeline import InferenceConfig, predict
+    from training.io.volume import read_image
 
     ds_dir = small_synth_dataset(tmp_path / "hip")
     out = tmp_path / "model"
@@ -171,7 +171,7 @@ def test_cli_train_evaluate_predict(tmp_path, capsys):
                  "--limit", "1", "--device", "cpu"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert lines[0]["case"] == case.id and len(lines) == 2
-    pred = predict(model, read_image(case.images), [domain], InferenceConfig(device="cpu"))[domain]
+    pred = predict(model, read_image(case.images), [domain], InferenceConfig(device="cpu"))[domain].labels
     truth = read_image(case.label).data[0].astype(int)
     expected = dice_per_class(pred, truth, 3)
     got = list(lines[0]["dice"].values())
@@ -205,8 +205,8 @@ def test_cli_train_evaluate_predict(tmp_path, capsys):
 
 def test_domain_from_dataset_learns_how_many_components_each_class_keeps(tmp_path):
     """Both kidneys carry one label: post-processing must keep two components, not one."""
-    from training.synth import write_dataset
-    from training.training_run import domain_from_dataset
+    from training.data.synth import write_dataset
+    from training.train.runs import domain_from_dataset
 
     ds_dir = write_dataset(tmp_path / "kid", "kidney-ct", 2, 0, size_scale=0.5)
     data = domain_from_dataset(ds_dir, cache_dir=tmp_path / "cache")

@@ -8,9 +8,9 @@ import pytest
 import SimpleITK as sitk
 from nibabel.testing import data_path
 
+from training.data.normalization import normalize
 from training.errors import InputError
-from training.normalization import normalize
-from training.volume import Volume, from_sitk, read_image, to_sitk, write_labels, write_nifti
+from training.io.volume import from_sitk, read_image, to_sitk, write_labels, write_nifti
 
 NIB_DATA = Path(data_path)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.modelfile import AdapterMeta, make_classes
-from training.sampling import ArrayCase
-from training.trainer import DomainData
+from training.model.modelfile import AdapterMeta, make_classes
+from training.train.sampling import ArrayCase
+from training.train.trainer import DomainData
 
 
 def ball_case(seed: int, shape=(32, 32, 32), contrast: float = 2.0, balls: int = 1):
@@ -35,7 +35,7 @@ def ball_domain(name: str, n_train: int = 4, n_val: int = 1, seed: int = 0, cont
 
 def small_synth_dataset(path, domain: str = "hippocampus-mr", cases: int = 3, seed: int = 0):
     """A tiny MSD-layout synthetic dataset (about 18×24×20 voxels per case)."""
-    from training.synth import write_dataset
+    from training.data.synth import write_dataset
 
     return write_dataset(path, domain, cases, seed, size_scale=0.5)
 

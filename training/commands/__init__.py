@@ -1,1 +1,1 @@
-"""Sub-commands of the ``u2net`` CLI, one module each (see :mod:`training.cli`)."""
+"""Sub-commands of the ``u2net`` CLI, one module each (see :mod:`training.commands.cli`)."""

@@ -31,8 +31,8 @@ def add_training_arguments(p: argparse.ArgumentParser, iterations: int, lr: floa
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..augment import AugmentConfig
-    from ..trainer import TrainConfig
+    from training.train.augment import AugmentConfig
+    from training.train.trainer import TrainConfig
 
     return TrainConfig(
         iterations=args.iterations,

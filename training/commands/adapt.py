@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ._trainargs import add_training_arguments, config_from_args, print_rank_hash, summary_line, write_line
+from training.commands._trainargs import (
+    add_training_arguments,
+    config_from_args,
+    print_rank_hash,
+    summary_line,
+    write_line,
+)
 
 NAME = "adapt"
 HELP = "train a new domain's adapter on an MSD dataset with the shared trunk frozen"
@@ -26,10 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..adaptation import AUTO, adapt
-    from ..distributed import setup, teardown
-    from ..trainer import consume
-    from ..training_run import domain_from_dataset
+    from training.train.adaptation import AUTO, adapt
+    from training.train.distributed import setup, teardown
+    from training.train.runs import domain_from_dataset
+    from training.train.trainer import consume
 
     config = config_from_args(args)
     model_dir = Path(args.model)

@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..registry import cache_dir, download_model, load_registry
-    from ..resources import BUNDLED_MODEL
+    from training.io.folders import BUNDLED_MODEL, cache_dir
+    from training.model.registry import download_model, load_registry
 
     registry = load_registry()
     for name in args.names:

@@ -27,10 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..datasets import load_dataset, load_split
-    from ..evaluation import evaluate_dataset
-    from ..modelfile import load_model
-    from ..registry import resolve_model
+    from training.data.datasets import load_dataset, load_split
+    from training.model.modelfile import load_model
+    from training.model.registry import resolve_model
+    from training.train.evaluation import evaluate_dataset
 
     model = load_model(resolve_model(args.model))
     case_ids = None

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def param_counts(base_channels: int = 16, levels: int = 6) -> dict:
-    from ..network import ArchConfig, DomainConfig, FullConvUNet, U2Net
+    from training.model.network import ArchConfig, DomainConfig, FullConvUNet, U2Net
 
     arch = ArchConfig(base_channels=base_channels, levels=levels)
     net = U2Net(arch, [DomainConfig(n, c, k) for n, c, k in PAPER_DOMAINS])
@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         return list_available(args.json)
 
-    from ..modelfile import load_model
-    from ..registry import resolve_model
+    from training.model.modelfile import load_model
+    from training.model.registry import resolve_model
 
     model = load_model(resolve_model(args.model))
     summary = model_summary(model)
@@ -107,7 +107,8 @@ def list_available(as_json: bool) -> int:
     """Every model a user can pick (bundled, cached, downloadable) with domains, classes, provenance."""
     import sys
 
-    from ..registry import cache_dir, list_models, load_registry
+    from training.io.folders import cache_dir
+    from training.model.registry import list_models, load_registry
 
     registry = load_registry()
     models = list_models(registry=registry)

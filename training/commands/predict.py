@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from training.infer.config import BACKENDS, InferenceConfig
+
 NAME = "predict"
 HELP = "segment one image (NIfTI or DICOM folder) with one or more domains"
 
@@ -20,9 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="a .nii/.nii.gz file (one domain) or a folder (writes OUT/<case>_<domain>.nii.gz)")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--overlap", type=float, default=0.5, help="tile overlap in [0, 1) (default 0.5)")
+    p.add_argument("--overlap", type=float, default=InferenceConfig.overlap,
+                   help=f"tile overlap in [0, 1) (default {InferenceConfig.overlap})")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per batch (default: by device)")
-    p.add_argument("--backend", choices=["torch", "compiled", "openvino"], default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default=InferenceConfig.backend,
                    help="torch (default, eager); compiled (CPU: TorchInductor ahead-of-time, compiled once per "
                         "domain and patch and kept on disk: the first run takes minutes, later runs are faster); "
                         "openvino (CPU only; pip install napari-u2net[openvino])")
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from ..inference import InferenceConfig, predict_files
+    from training.infer.pipeline import predict_files
 
     config = InferenceConfig(
         device=args.device, overlap=args.overlap, batch_size=args.batch_size,

@@ -30,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InputError
-    from ..synth import SYNTH_DOMAINS, domain_info, write_dataset
+    from training.data.synth import SYNTH_DOMAINS, domain_info, write_dataset
+    from training.errors import InputError
 
     if args.list:
         for name in SYNTH_DOMAINS:

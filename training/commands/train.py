@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ._trainargs import add_training_arguments, config_from_args, print_rank_hash, summary_line, write_line
+from training.commands._trainargs import (
+    add_training_arguments,
+    config_from_args,
+    print_rank_hash,
+    summary_line,
+    write_line,
+)
 
 NAME = "train"
 HELP = "train a new model on MSD-layout datasets (one domain per dataset); torchrun-ready"
@@ -24,11 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..distributed import setup, teardown
-    from ..errors import U2NetError
-    from ..network import ArchConfig
-    from ..trainer import consume, domain_cycle, parse_domain_weights
-    from ..training_run import domain_from_dataset, train_model
+    from training.errors import U2NetError
+    from training.model.network import ArchConfig
+    from training.train.distributed import setup, teardown
+    from training.train.runs import domain_from_dataset, train_model
+    from training.train.trainer import consume, domain_cycle, parse_domain_weights
 
     config = config_from_args(args)
     config.domain_weights = parse_domain_weights(args.domain_weight)

@@ -1,0 +1,1 @@
+"""Segmenting images: the pipeline, the sliding window, backends that run the network, post-processing."""

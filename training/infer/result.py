@@ -1,0 +1,47 @@
+"""What a segmentation returns: per domain, the labels and any further per-voxel outputs.
+
+Everything in a :class:`Prediction` lies on the input volume's grid (its shape, its affine), so
+a caller writes or shows each array with the input's geometry and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class DomainResult:
+    """One domain's outputs on the input's grid."""
+
+    domain: str
+    labels: np.ndarray  # (Z, Y, X) uint8 (uint16 beyond 255 classes), exactly the input's shape
+    # Further per-voxel outputs asked for in InferenceConfig.outputs, by name, each (…, Z, Y, X).
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    """What :func:`training.infer.pipeline.predict` returns: one result per domain, in the order asked."""
+
+    results: dict[str, DomainResult] = field(default_factory=dict)
+
+    def __getitem__(self, domain: str) -> DomainResult:
+        return self.results[domain]
+
+    def __iter__(self) -> Iterator[DomainResult]:
+        return iter(self.results.values())
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.results)
+
+    @property
+    def labels(self) -> dict[str, np.ndarray]:
+        """``{domain: labels}``."""
+        return {d: r.labels for d, r in self.results.items()}

@@ -1,0 +1,1 @@
+"""Files and grids: volumes with their geometry, resampling, atomic writes, devices, where files live."""

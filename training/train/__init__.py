@@ -1,0 +1,1 @@
+"""Training: the loop, whole runs, adapter-only adaptation, losses, sampling, augmentation, evaluation."""
