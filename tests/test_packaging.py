@@ -34,7 +34,7 @@ def test_wheel_contents(wheel):
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert manifest == yaml.safe_load((ROOT / "napari.yaml").read_text())
     assert "training/__init__.py" in names and "napari_u2net/__init__.py" in names
-    assert "training/network.py" in names and "training/modelfile.py" in names
+    assert "training/model/network.py" in names and "training/model/modelfile.py" in names
     shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "resources").rglob("*") if p.is_file()}
     assert shipped and {f"training/{s}" for s in shipped} <= names
     assert not any(n.startswith(("tests/", "resources/", ".venv")) for n in names)
