@@ -1,3 +1,5 @@
+"""``python -m training``: the ``u2net`` command line."""
+
 import sys
 
 from training.commands.cli import main

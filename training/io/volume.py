@@ -109,61 +109,11 @@ def read_nifti(path: str | Path) -> Volume:
     return Volume(data, nifti_to_ours(img.affine), header=img.header.copy(), source=str(path))
 
 
-def read_dicom_series(folder: str | Path) -> Volume:
-    """Read the DICOM series in ``folder`` (the one with most slices if there are several)."""
-    import SimpleITK as sitk
+def read_image(paths: str | Path | list[str | Path], series: str | None = None) -> Volume:
+    """Read a NIfTI file, a DICOM folder or file, or several single-modality files (stacked as
+    channels). ``series`` picks one series (its UID) of a DICOM folder that holds several."""
+    from training.io.dicom import is_dicom_file, read_dicom
 
-    folder = Path(folder)
-    reader = sitk.ImageSeriesReader()
-    try:
-        ids = reader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError as e:
-        raise InputError(f"{folder}: cannot scan for DICOM files ({e})") from e
-    if not ids:
-        raise InputError(f"{folder}: no DICOM series found in this folder")
-    files_by_id = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids}
-    sid = max(files_by_id, key=lambda s: len(files_by_id[s]))
-    reader.SetFileNames(_sort_slices(files_by_id[sid]))
-    try:
-        img = reader.Execute()
-    except RuntimeError as e:
-        raise InputError(f"{folder}: cannot read DICOM series {sid} ({e})") from e
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{folder}: colour (RGB) DICOM images cannot be segmented")
-    if img.GetDimension() != 3 or min(img.GetSize()) < 2:
-        raise InputError(f"{folder}: this DICOM series is 2D (size {img.GetSize()}); a 3D volume is needed")
-    array, affine = from_sitk(img)
-    meta = {"dicom_series": sid, "series_count": len(ids)}
-    return Volume(array[None], affine, source=str(folder), meta=meta)
-
-
-def _sort_slices(files) -> list[str]:
-    """Order slice files by position along the slice normal (row × column direction).
-
-    GDCM's own sort gives a physically consistent volume too, but its direction depends on
-    which series the process sorted before (seen with SimpleITK 2.5): the same folder could open
-    with axis 0 reversed. This order is always the same.
-    """
-    import SimpleITK as sitk
-
-    keyed = []
-    for f in files:
-        r = sitk.ImageFileReader()
-        r.SetFileName(str(f))
-        r.LoadPrivateTagsOff()
-        try:
-            r.ReadImageInformation()
-            iop = [float(v) for v in r.GetMetaData("0020|0037").split("\\")]
-            ipp = [float(v) for v in r.GetMetaData("0020|0032").split("\\")]
-        except (RuntimeError, ValueError):
-            return list(files)  # no usable geometry tags: keep the reader's order
-        normal = np.cross(iop[:3], iop[3:6])
-        keyed.append((float(np.dot(normal, ipp)), str(f)))
-    return [f for _, f in sorted(keyed)]
-
-
-def read_image(paths: str | Path | list[str | Path]) -> Volume:
-    """Read a NIfTI file, a DICOM folder, or several single-modality files (stacked as channels)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     paths = [Path(p) for p in paths]
@@ -171,22 +121,23 @@ def read_image(paths: str | Path | list[str | Path]) -> Volume:
         raise InputError("no image given")
     vols = []
     for p in paths:
-        if p.is_dir():
-            vols.append(read_dicom_series(p))
+        if p.is_dir() or is_dicom_file(p):
+            vols.append(read_dicom(p, series))
         elif is_nifti(p):
             vols.append(read_nifti(p))
         elif not p.exists():
             raise InputError(f"{p}: no such file or folder")
         else:
-            raise InputError(f"{p}: unsupported file type; give a .nii/.nii.gz file or a DICOM folder")
+            raise InputError(f"{p}: unsupported file type; give a .nii/.nii.gz file, a DICOM file or a DICOM folder")
     if len(vols) == 1:
         return vols[0]
     first = vols[0]
     for p, v in zip(paths[1:], vols[1:]):
-        if v.shape != first.shape or not np.allclose(v.affine, first.affine, atol=1e-4):
+        differs = grid_difference(v, first)
+        if differs:
             raise InputError(
-                f"{p}: its grid (shape {v.shape}) differs from {paths[0]} (shape {first.shape}); "
-                "all modalities of one case must share one grid"
+                f"{p}: its grid differs from {paths[0]}'s ({differs}); all modalities of one case "
+                "must share one grid: resample them onto one first"
             )
     data = np.concatenate([v.data for v in vols], axis=0)
     return Volume(data, first.affine, first.header, source=str(paths[0]), meta={"files": [str(p) for p in paths]})
@@ -198,6 +149,24 @@ IGNORE_INDEX = 255
 
 
 # -- writing ------------------------------------------------------------------------------------
+def grid_difference(a: Volume, b: Volume, atol: float = 1e-4) -> str:
+    """What differs between two volumes' grids, in words ("" when they are the same grid)."""
+    if a.shape != b.shape:
+        return f"shape {a.shape} vs {b.shape}"
+    sa, sb = spacing_of(a.affine), spacing_of(b.affine)
+    if not np.allclose(sa, sb, atol=atol):
+        return f"voxel size {_mm(sa)} vs {_mm(sb)} mm"
+    if not np.allclose(a.affine[:3, 3], b.affine[:3, 3], atol=atol):
+        return f"origin {_mm(a.affine[:3, 3])} vs {_mm(b.affine[:3, 3])} mm"
+    if not np.allclose(a.affine, b.affine, atol=atol):
+        return "axis directions (orientation) differ"
+    return ""
+
+
+def _mm(v) -> str:
+    return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")"
+
+
 def label_dtype(max_label: int) -> np.dtype:
     return np.dtype(np.uint8) if max_label < 256 else np.dtype(np.uint16)
 
