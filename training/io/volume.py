@@ -15,8 +15,6 @@ SimpleITK (DICOM, resampling) works in LPS with ``(x, y, z)`` indices; :func:`to
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from training.errors import InputError
-from training.io.atomic import default_file_mode
+from training.io.atomic import atomic_output
 
 # Reverses the three spatial axes: our (d0, d1, d2) <-> NIfTI (i, j, k) / SimpleITK (x, y, z).
 _REVERSE = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
@@ -171,8 +169,12 @@ def label_dtype(max_label: int) -> np.dtype:
     return np.dtype(np.uint8) if max_label < 256 else np.dtype(np.uint16)
 
 
-def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, like: Volume | None = None) -> Path:
-    """Write a 3D ``(D0, D1, D2)`` or 4D ``(C, D0, D1, D2)`` array as NIfTI, atomically.
+def write_nifti(
+    path: str | Path, array: np.ndarray, affine: np.ndarray, like: Volume | None = None, overwrite: bool = True
+) -> Path:
+    """Write a 3D ``(D0, D1, D2)`` or 4D ``(C, D0, D1, D2)`` array as NIfTI, atomically
+    (:func:`training.io.atomic.atomic_output`; ``overwrite=False`` never replaces a file that
+    appeared meanwhile).
 
     With ``like`` (the image the array was computed from) its header is reused, so qform/sform
     codes and the affine come back exactly as they were read.
@@ -193,21 +195,15 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, like: V
     else:
         img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0
         img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    suffix = ".tmp.nii.gz" if str(path).lower().endswith(".gz") else ".tmp.nii"
+    with atomic_output(path, suffix=suffix, overwrite=overwrite) as tmp:
         nib.save(img, tmp)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
-def write_labels(path: str | Path, labels: np.ndarray, affine: np.ndarray, like: Volume | None = None) -> Path:
+def write_labels(
+    path: str | Path, labels: np.ndarray, affine: np.ndarray, like: Volume | None = None, overwrite: bool = True
+) -> Path:
     """Write an integer label map (uint8, or uint16 beyond 255 classes) with the given geometry."""
     labels = np.asarray(labels)
     if labels.ndim != 3:
@@ -215,7 +211,7 @@ def write_labels(path: str | Path, labels: np.ndarray, affine: np.ndarray, like:
     if labels.size and (labels.min() < 0):
         raise InputError("labels must be ≥ 0")
     top = int(labels.max()) if labels.size else 0
-    return write_nifti(path, labels.astype(label_dtype(top), copy=False), affine, like)
+    return write_nifti(path, labels.astype(label_dtype(top), copy=False), affine, like, overwrite)
 
 
 # -- SimpleITK geometry ---------------------------------------------------------------------------
