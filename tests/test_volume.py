@@ -174,3 +174,14 @@ def test_normalization_schemes():
     assert np.array_equal(const, np.zeros_like(const))
     with pytest.raises(InputError, match="unknown normalisation"):
         normalize(x, [{"scheme": "magic"}])
+
+
+def test_inputs_that_cannot_be_opened_say_why(tmp_path):
+    (tmp_path / "loop.nii.gz").symlink_to(tmp_path / "loop.nii.gz")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for name in ("loop.nii.gz", "a"):
+        with pytest.raises(InputError, match="cannot open it \\(a symbolic-link loop\\)"):
+            read_image(tmp_path / name)
+    with pytest.raises(InputError, match="no such file or folder"):
+        read_image(tmp_path / "gone.nii.gz")

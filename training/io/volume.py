@@ -15,6 +15,8 @@ SimpleITK (DICOM, resampling) works in LPS with ``(x, y, z)`` indices; :func:`to
 
 from __future__ import annotations
 
+import errno
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +121,7 @@ def read_image(paths: str | Path | list[str | Path], series: str | None = None) 
         raise InputError("no image given")
     vols = []
     for p in paths:
+        _check_readable(p)
         if p.is_dir() or is_dicom_file(p):
             vols.append(read_dicom(p, series))
         elif is_nifti(p):
@@ -147,6 +150,19 @@ IGNORE_INDEX = 255
 
 
 # -- writing ------------------------------------------------------------------------------------
+def _check_readable(path: Path) -> None:
+    """One line for an input that cannot be opened at all: missing, a link loop, no permission."""
+    try:
+        path.resolve(strict=True)
+        if not os.access(path, os.R_OK):
+            raise InputError(f"{path}: permission denied; make it readable for this user")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file or folder") from None
+    except (RuntimeError, OSError) as e:  # Python reports a symbolic-link loop as RuntimeError
+        why = "a symbolic-link loop" if "loop" in str(e).lower() or getattr(e, "errno", 0) == errno.ELOOP else e
+        raise InputError(f"{path}: cannot open it ({why})") from None
+
+
 def grid_difference(a: Volume, b: Volume, atol: float = 1e-4) -> str:
     """What differs between two volumes' grids, in words ("" when they are the same grid)."""
     if a.shape != b.shape:
