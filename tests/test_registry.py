@@ -280,3 +280,24 @@ def test_make_entry_describes_the_model_dir(model_dir):
         {"name": "ct", "modality": "CT", "classes": ["background", "class1"]},
         {"name": "mr2", "modality": "CT", "classes": ["background", "class1", "class2"]},
     ]
+
+
+def test_a_model_the_user_made_is_listed_and_resolved_by_name(model_dir, tmp_path, monkeypatch, capsys):
+    """The Fine-tune panel writes <cache>/models/user: after a restart it is still there, in the
+    listing, in `u2net info`, and as `--model user`."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("U2NET_HOME", str(home))
+    monkeypatch.delenv("U2NET_REGISTRY", raising=False)
+    shutil.copytree(model_dir, home / "models" / "user")
+    (home / "models" / "half").mkdir()  # no trunk: not a model, not listed
+    listed = {m.name: m for m in list_models()}
+    assert listed["user"].source == "user" and listed["user"].path == home / "models" / "user"
+    assert sorted(d["name"] for d in listed["user"].domains) == ["ct", "mr2"]
+    assert "half" not in listed
+    assert resolve_model("user") == home / "models" / "user"
+    assert main(["info"]) == 0
+    assert "user  [user]" in capsys.readouterr().out
+    assert main(["info", "--model", "user", "--json"]) == 0
+    assert sorted(d["name"] for d in json.loads(capsys.readouterr().out)["domains"]) == ["ct", "mr2"]
+    with pytest.raises(RegistryError, match=r"known: .*user"):
+        resolve_model("nobody")

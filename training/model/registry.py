@@ -29,7 +29,7 @@ from pathlib import Path
 from training.errors import InputError, U2NetError
 from training.io.atomic import atomic_write_text
 from training.io.folders import BUNDLED_MODEL, HOME_ENV, bundled_model_dir, cache_dir, resources_dir
-from training.model.layout import model_dir_domains
+from training.model.layout import TRUNK_FILE, model_dir_domains
 
 REGISTRY_ENV = "U2NET_REGISTRY"
 REGISTRY_FILE = "registry.json"
@@ -87,10 +87,10 @@ class Registry:
 
 @dataclass
 class ModelEntry:
-    """One model a user can pick: bundled, already in the cache, or downloadable."""
+    """One model a user can pick: bundled, already in the cache, downloadable, or made by the user."""
 
     name: str
-    source: str  # "bundled" | "cached" | "registry"
+    source: str  # "bundled" | "cached" | "registry" | "user"
     path: Path | None
     description: str = ""
     domains: list[dict] = field(default_factory=list)  # [{name, modality, modalities, classes, ...}]
@@ -350,7 +350,8 @@ def _manifest_entry(model_dir: Path) -> RegistryEntry | None:
 
 def _unknown(name: str, registry: Registry, cache: Path | None) -> RegistryError:
     bundled = [BUNDLED_MODEL] if bundled_model_dir().is_dir() else []
-    known = sorted({*bundled, *registry.entries, *(e.name for e in _cached_entries(cache))})
+    known = sorted({*bundled, *registry.entries, *(e.name for e in _cached_entries(cache)),
+                    *(d.name for d in _user_models(cache))})
     msg = (
         f"unknown model {name!r}: not a model directory nor a known name "
         f"(known: {', '.join(known) or 'none'})"
@@ -409,6 +410,8 @@ def resolve_model(
         return download_model(name, progress=progress, cache=cache, registry=registry)
     model_dir = model_cache_dir(name, cache)
     entry = _manifest_entry(model_dir)
+    if entry is None and _is_user_model(model_dir):
+        return model_dir
     if entry is not None:  # downloaded earlier from a registry that is no longer configured
         missing = cached_status(entry, cache)
         if not missing:
@@ -432,6 +435,19 @@ def _cached_entries(cache: Path | None) -> list[RegistryEntry]:
             if entry is not None and entry.name == d.name:
                 found.append(entry)
     return found
+
+
+def _is_user_model(model_dir: Path) -> bool:
+    """A model folder in the cache that no registry made: one the user trained (the Fine-tune
+    panel writes ``<cache>/models/user``), or copied there by hand."""
+    return (model_dir / TRUNK_FILE).is_file() and not (model_dir / MANIFEST_FILE).exists()
+
+
+def _user_models(cache: Path | None) -> list[Path]:
+    root = (cache or cache_dir()) / "models"
+    if not root.is_dir():
+        return []
+    return [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".") and _is_user_model(d)]
 
 
 def _looks_complete(entry: RegistryEntry, model_dir: Path) -> bool:
@@ -472,4 +488,11 @@ def list_models(cache: Path | None = None, registry: Registry | None = None) -> 
         else:
             e = registry.entries[name]
             models.append(ModelEntry(name, "registry", None, e.description, e.domains, e.version))
+    taken = {m.name for m in models}
+    for model_dir in _user_models(cache):
+        if model_dir.name in taken:  # a registry name wins; the folder is still usable by its path
+            continue
+        domains, prov = model_dir_domains(model_dir)
+        models.append(ModelEntry(model_dir.name, "user", model_dir, "your model (trained in napari or copied into the cache)",
+                                 domains, provenance=prov))
     return models
