@@ -146,7 +146,8 @@ def main() -> int:
         wait_until(app, cond, timeout, "bench_ui")
 
     # the widget is ready: model loaded, devices probed, run-time imports done in the background
-    wait(lambda: widget.model is not None and domain in widget.checked_domains() and widget.warmed_up, 120)
+    wait(lambda: widget.model is not None and domain in widget.checked_domains() and widget.warmed_up
+         and not widget.hint_jobs, 120)
     widget.gui.device_combo.setCurrentIndex(widget.gui.device_combo.findData("cpu"))
     wait(lambda: True, 0)
     for _ in range(50):  # let the window settle (first paints are not the worker's fault)

@@ -99,7 +99,7 @@ def main() -> int:
         wait_until(app, cond, timeout, "bench_ui_train")
 
     # both panels ready: model loaded, devices probed, run-time imports done in the background
-    wait(lambda: selector.model is not None and selector.warmed_up and panel.warmed_up, 120)
+    wait(lambda: selector.model is not None and selector.warmed_up and panel.warmed_up and not panel.prefill_jobs, 120)
     panel.set_base_model(base)
     g = panel.gui
     g.name_edit.setText("liver")

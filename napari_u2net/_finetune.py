@@ -4,7 +4,8 @@ The GUI thread only reads layers, checks them, and turns the worker's
 :class:`~training.train.trainer.TrainReport` stream into the plot and the progress line. Training runs
 in a napari thread worker (``_finetune_worker.finetune_job``) in a staging folder; the adapter
 reaches the user's model directory only once training ended (or was stopped and the user chose to
-keep the best checkpoint), and the domain selector docked in the same viewer then lists it.
+keep the best checkpoint), and is announced through the viewer's :class:`~._session.ModelSession`,
+where the domain selector lists it. Layer values (modality, class names) are read in workers.
 
 Dialogs are injectable (``ask_keep``, ``confirm_overwrite``) so tests and benchmarks answer them.
 """
@@ -23,11 +24,14 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import QFileDialog, QMessageBox, QVBoxLayout, QWidget
 
 from training.errors import InputError
+from training.model.domain_match import guess_modality
 
 from . import _finetune_worker as fw
+from . import _jobs
 from ._devices import start_device_probe
 from ._finetune_gui import FineTuneGui, PairRow
-from ._geometry import layer_case, layer_data_to_world, spatial_part
+from ._geometry import layer_data_to_world, layer_volume, spatial_part
+from ._session import ModelSession, session_for
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +39,10 @@ AUTO_INIT = "auto"
 RANDOM_INIT = "<random>"
 CPU_DEFAULTS = {"iterations": 300, "lr": 1e-2}
 GPU_DEFAULTS = {"iterations": 1500, "lr": 1e-2}
-
-
-def find_domain_selector(viewer):
-    """The domain selector docked in ``viewer`` (None if there is none)."""
-    from ._widget import DomainSelectorWidget
-
-    window = getattr(viewer, "window", None)
-    try:
-        widgets = list(window.dock_widgets.values())  # napari ≥ 0.6: the inner widgets
-    except AttributeError:
-        widgets = [d.widget() for d in getattr(window, "_dock_widgets", {}).values()]
-    for w in widgets:
-        w = getattr(w, "native", w)  # a magicgui container
-        if isinstance(w, DomainSelectorWidget):
-            return w
-        if hasattr(w, "findChildren"):
-            found = w.findChildren(DomainSelectorWidget)
-            if found:
-                return found[0]
-    return None
+OOM_ADVICE = (
+    "nothing was saved. Lower the patch size, train on the CPU instead of the GPU (or the reverse), "
+    "or close other programs, then train again"
+)
 
 
 def parse_patch(text: str) -> tuple[int, int, int] | None:
@@ -73,9 +61,9 @@ def parse_patch(text: str) -> tuple[int, int, int] | None:
 class FineTuneWidget(QWidget):
     """Fine-tune a new domain (adapter) of a U²-Net model on the user's labels.
 
-    ``selector``: the domain selector to update when a domain is saved (default: the one docked
-    in the viewer). ``ask_keep(result) -> bool`` answers "keep the best adapter so far?" after a
-    Stop; ``confirm_overwrite(name, folder) -> bool`` answers "replace the existing domain?".
+    ``session``: where the base model comes from and the saved domain is announced (default: the
+    viewer's, shared with its domain selector). ``ask_keep(result) -> bool`` answers "keep the
+    best adapter so far?" after a Stop; ``confirm_overwrite(name, folder) -> bool`` answers "replace the existing domain?".
     ``train_fn`` replaces :func:`training.train.adaptation.adapt_domain` (tests, benchmarks).
     """
 
@@ -83,14 +71,14 @@ class FineTuneWidget(QWidget):
         self,
         napari_viewer,
         *,
-        selector=None,
+        session: ModelSession | None = None,
         ask_keep: Callable | None = None,
         confirm_overwrite: Callable | None = None,
         train_fn: Callable | None = None,
     ) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self._selector = selector
+        self.session = session if session is not None else session_for(napari_viewer)
         self.ask_keep = ask_keep or self._ask_keep_dialog
         self.confirm_overwrite = confirm_overwrite or self._confirm_overwrite_dialog
         self.train_fn = train_fn
@@ -109,6 +97,9 @@ class FineTuneWidget(QWidget):
         self.ui_interval_s = 0.5
         self._last_ui = 0.0
         self._target_auto = True
+        self.prefill_jobs = 0  # layer reads running (tests and benchmarks wait for 0)
+        self._domains: list[dict] = []  # the base model's domains
+        self._has_gpu = False  # until the device probe tells
 
         g = self.gui
         g.iterations_spin.setValue(CPU_DEFAULTS["iterations"])
@@ -135,6 +126,7 @@ class FineTuneWidget(QWidget):
         self.warmed_up = False
         self._probe_devices()
         self._pick_default_base()
+        self.session.model_changed.connect(self._on_session_model)
 
     # -- layers -----------------------------------------------------------------------------------
     def _layers(self, kind: str) -> list:
@@ -195,28 +187,44 @@ class FineTuneWidget(QWidget):
     def _layer(self, name: str):
         return self.viewer.layers[name] if name and name in self.viewer.layers else None
 
+    def _prefill(self, job, args: tuple, apply) -> None:
+        """Run ``job(*args)`` (it reads layer data: a lazy array would block the GUI) in a worker,
+        then ``apply`` its result on the GUI thread."""
+
+        def finished() -> None:
+            self.prefill_jobs -= 1
+
+        self.prefill_jobs += 1
+        _jobs.start(job, *args, on_done=apply, on_error=lambda e: log.debug("prefill: %s", e), on_finished=finished,
+                    owner=self)
+
     def _prefill_from_labels(self) -> None:
-        """Class names from the first labels layer's features (unless the user typed some)."""
+        """Class names from the first labels layer's values and features (unless the user typed some)."""
         if not self._classes_auto or not self.rows:
             return
         layer = self._layer(self.rows[0].labels_combo.currentText())
         if layer is None:
             return
-        try:
-            names = fw.default_class_names(np.asarray(layer.data), getattr(layer, "features", None))
-        except (TypeError, ValueError):
-            return
-        self.gui.classes_edit.setText(", ".join(names))
+
+        def apply(names: list[str]) -> None:
+            if self._classes_auto and layer is self._layer(self.rows[0].labels_combo.currentText()):
+                self.gui.classes_edit.setText(", ".join(names))
+
+        self._prefill(fw.default_class_names, (layer.data, layer.features), apply)
 
     def _prefill_modality(self) -> None:
         """CT if the image holds Hounsfield-like air values, else MR (the user can change it)."""
         if not self.rows:
             return
         layer = self._layer(self.rows[0].image_combo.currentText())
-        if layer is None or getattr(layer, "multiscale", False):
+        if layer is None or layer.multiscale:
             return
-        lo = float(np.min(layer.data)) if np.size(layer.data) else 0.0
-        self.gui.modality_combo.setCurrentText("CT" if lo <= -500 else "MR")
+
+        def apply(modality: str | None) -> None:
+            if layer is self._layer(self.rows[0].image_combo.currentText()):
+                self.gui.modality_combo.setCurrentText("CT" if modality == "CT" else "MR")
+
+        self._prefill(guess_modality, (layer.data,), apply)
 
     # -- devices and models ---------------------------------------------------------------------------
     def _probe_devices(self) -> None:
@@ -230,28 +238,25 @@ class FineTuneWidget(QWidget):
     def _on_device(self, _index: int = 0) -> None:
         """Iterations default: short on the CPU, longer on a GPU (only while untouched)."""
         key = self.gui.device_combo.currentData()
-        gpu = key in ("cuda", "mps") or (key == "auto" and getattr(self, "_has_gpu", False))
+        gpu = key in ("cuda", "mps") or (key == "auto" and self._has_gpu)
         spin = self.gui.iterations_spin
         if spin.value() in (CPU_DEFAULTS["iterations"], GPU_DEFAULTS["iterations"]):
             spin.setValue((GPU_DEFAULTS if gpu else CPU_DEFAULTS)["iterations"])
 
-    def selector(self):
-        return self._selector if self._selector is not None else find_domain_selector(self.viewer)
-
     def _pick_default_base(self) -> None:
-        sel = self.selector()
-        folder = getattr(sel, "model_dir", None) if sel is not None else None
-        if folder is None:
-            try:
-                from training.io.folders import bundled_model_dir
+        """The domain selector's model (through the session), else the bundled one."""
+        from training.io.folders import bundled_model_dir
 
-                folder = bundled_model_dir()
-            except FileNotFoundError:
-                folder = None
-        if folder is not None and (Path(folder) / fw.TRUNK_FILE).exists():
+        folder = self.session.model_dir or bundled_model_dir()
+        if (Path(folder) / fw.TRUNK_FILE).exists():
             self.set_base_model(folder)
         else:
             self.gui.base_label.setText("none yet: load a model in the domain selector or pick a folder")
+
+    def _on_session_model(self, folder: Path) -> None:
+        """The domain selector loaded a model: it becomes the base while there is none yet."""
+        if self.source_dir is None and self.worker is None:
+            self._pick_default_base()
 
     def set_base_model(self, folder: str | Path, target: str | Path | None = None) -> None:
         """The model to start from; the 'Save to' folder follows unless the user chose one."""
@@ -284,11 +289,11 @@ class FineTuneWidget(QWidget):
         modality = self.gui.modality_combo.currentText()
         auto = self._closest(modality)
         combo.addItem(f"auto (closest: {auto})" if auto else "auto", AUTO_INIT)
-        for d in getattr(self, "_domains", []):
+        for d in self._domains:
             combo.addItem(f"{d['name']} ({d.get('modality', '')})", d["name"])
         combo.addItem("none (random start)", RANDOM_INIT)
         index = combo.findData(current) if current else -1
-        combo.setCurrentIndex(index if index >= 0 else 0)
+        combo.setCurrentIndex(max(index, 0))
         combo.blockSignals(False)
 
     def _closest(self, modality: str, exclude: str | None = None) -> str | None:
@@ -298,7 +303,7 @@ class FineTuneWidget(QWidget):
         num_classes = len(fw.parse_class_names(self.gui.classes_edit.text()))
         candidates = [
             (d["name"], d.get("modality", ""), max(1, len(d.get("modalities") or [None])), len(d.get("classes") or []))
-            for d in getattr(self, "_domains", []) if d["name"] != exclude
+            for d in self._domains if d["name"] != exclude
         ]
         return closest_domain_name(candidates, modality, self._image_channels(), num_classes)
 
@@ -332,16 +337,16 @@ class FineTuneWidget(QWidget):
             if (image.name, labels.name) in seen:
                 continue
             seen.add((image.name, labels.name))
-            case = layer_case(image)
+            volume = layer_volume(image)
             if labels.ndim != 3:
                 raise InputError(f"labels layer {labels.name!r} is {labels.ndim}D; a 3D labels layer is needed")
             lab_matrix = layer_data_to_world(labels)
             img_matrix = layer_data_to_world(image)
             if image.ndim == 4:
                 img_matrix = spatial_part(img_matrix)
-            fw.check_geometry(image.name, case.data.shape[1:], img_matrix, labels.name, labels.data.shape, lab_matrix)
+            fw.check_geometry(image.name, volume.shape, img_matrix, labels.name, labels.data.shape, lab_matrix)
             target = fw.prepare_labels(np.asarray(labels.data), labels.name, only_labelled)
-            pairs.append(fw.TrainingPair(image.name, np.asarray(case.data), case.affine, labels.name, target))
+            pairs.append(fw.TrainingPair(image.name, np.asarray(volume.data), volume.affine, labels.name, target))
         channels = {p.image.shape[0] for p in pairs}
         if len(channels) > 1:
             raise InputError("the images have different numbers of modalities; every pair must have the same")
@@ -365,16 +370,7 @@ class FineTuneWidget(QWidget):
         only = g.sparse_check.isChecked()
         pairs = self._pairs(only)
         names = fw.parse_class_names(g.classes_edit.text())
-        top = max(int(p.labels[p.labels != fw.IGNORE_INDEX].max()) for p in pairs)
-        if len(names) < 2:
-            raise InputError("give the class names, background first, comma-separated (e.g. background, liver)")
-        if top >= len(names):
-            raise InputError(
-                f"the labels go up to {top} but only {len(names)} class names are given "
-                f"({', '.join(names)}); add a name for each label value"
-            )
-        if len(set(names)) != len(names):
-            raise InputError("two classes have the same name; give each class its own name")
+        fw.check_class_names(names, [p.labels for p in pairs])
         patch = parse_patch(g.patch_edit.text())
         iterations = int(g.iterations_spin.value())
         config = TrainConfig(
@@ -437,17 +433,12 @@ class FineTuneWidget(QWidget):
             request.overwrite = True
             if request.init_from in (AUTO_INIT, request.name):  # not from the adapter being replaced
                 request.init_from = self._closest(request.modality, exclude=request.name)
-        from napari.qt.threading import create_worker
-
         self.stop_event = threading.Event()
-        worker = create_worker(
-            fw.finetune_job, request, self.stop_event, train_fn=self.train_fn, _ignore_errors=True
-        )  # errors: _on_error
-        worker.yielded.connect(self._on_report)
-        worker.returned.connect(self._on_done)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
+        self.worker = worker = _jobs.start(
+            fw.finetune_job, request, self.stop_event, train_fn=self.train_fn,
+            on_report=self._on_report, on_done=self._on_done, on_error=self._on_error,
+            on_finished=self._on_finished, autostart=False,
+        )
         self.request = request
         # napari holds millions of long-lived objects; a full garbage collection triggered by the
         # worker's allocations scans them all with the GIL held (≈ 1 s freeze measured). Frozen
@@ -516,19 +507,14 @@ class FineTuneWidget(QWidget):
         self._announce(Path(result.request.target_dir), name)
 
     def _announce(self, folder: Path, name: str) -> None:
-        """Make the new domain appear (ticked) in the domain selector at once."""
-        sel = self.selector()
-        if sel is None:
+        """Make the new domain appear (ticked) in the domain selector at once (through the session)."""
+        if not len(self.session.domain_added):
             self._notify("info", f"open the domain selector and choose the folder {folder} to run {name!r}")
             return
-        current = getattr(sel, "model_dir", None)
-        if current is not None and Path(current).resolve() == folder.resolve():
-            sel.reload_model(check=[name])
-        else:
-            sel.set_model_dir(folder, domains=[name])
+        self.session.add_domain(folder, name)
 
     def _on_error(self, error: BaseException) -> None:
-        level, text = fw.user_message(error)
+        level, text = _jobs.user_message(error, "fine-tuning", OOM_ADVICE)
         if level == "error" and not isinstance(error, InputError):
             log.error("fine-tuning failed", exc_info=error)
         self.gui.status_label.setText(text)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.errors import InputError, U2NetError
+from training.errors import InputError
 from training.io.volume import IGNORE_INDEX
 from training.model.layout import ADAPTER_DIR, TRUNK_FILE, trunk_hash_of
 
@@ -70,6 +70,20 @@ def prepare_labels(labels: np.ndarray, name: str, only_labelled_slices: bool) ->
     return out
 
 
+def check_class_names(names: list[str], labels: list[np.ndarray]) -> None:
+    """The class names must name every label value of every pair (background first), once each."""
+    if len(names) < 2:
+        raise InputError("give the class names, background first, comma-separated (e.g. background, liver)")
+    top = max(int(np.max(lab[lab != IGNORE_INDEX], initial=0)) for lab in labels)
+    if top >= len(names):
+        raise InputError(
+            f"the labels go up to {top} but only {len(names)} class names are given "
+            f"({', '.join(names)}); add a name for each label value"
+        )
+    if len(set(names)) != len(names):
+        raise InputError("two classes have the same name; give each class its own name")
+
+
 def labelled_slices(labels: np.ndarray) -> list[int]:
     """Indices along axis 0 of the slices that are looked at (not all 255)."""
     return [int(i) for i in np.nonzero((labels != IGNORE_INDEX).reshape(labels.shape[0], -1).any(axis=1))[0]]
@@ -91,6 +105,7 @@ def check_geometry(image_name: str, image_shape, image_affine, labels_name: str,
 
 def default_class_names(labels: np.ndarray, features=None) -> list[str]:
     """Class names from a labels layer's features (a 'class' or 'name' column), else generic ones."""
+    labels = np.asarray(labels)  # a lazy layer is read here (the panel calls this from a worker)
     top = max(int(np.max(labels)) if np.size(labels) else 0, 1)
     names = ["background"] + [f"class {i}" for i in range(1, min(top, IGNORE_INDEX - 1) + 1)]
     if features is None or not hasattr(features, "columns") or len(features) == 0:
@@ -368,24 +383,3 @@ def publish(result: FineTuneResult) -> Path:
 
 def discard(result: FineTuneResult) -> None:
     shutil.rmtree(result.staging, ignore_errors=True)
-
-
-def user_message(error: BaseException) -> tuple[str, str]:
-    """(level, text) for a notification about a failed fine-tune."""
-    from training.errors import Cancelled
-
-    from ._engine import is_out_of_memory
-
-    if isinstance(error, Cancelled):
-        return "info", str(error)
-    if isinstance(error, U2NetError):
-        return "error", str(error)
-    if is_out_of_memory(error):
-        return "error", (
-            "out of memory while fine-tuning; nothing was saved. Lower the patch size, train on the CPU "
-            "instead of the GPU (or the reverse), or close other programs, then train again"
-        )
-    return "error", (
-        f"fine-tuning failed unexpectedly ({type(error).__name__}: {error}); nothing was saved. "
-        "The details are in napari's log — please report them"
-    )

@@ -13,11 +13,10 @@ the image wherever the user has moved it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from training.errors import InputError
+from training.io.volume import Volume
 
 META_KEY = "u2net"
 
@@ -51,17 +50,6 @@ def layer_data_to_world(layer) -> np.ndarray:
     return np.asarray(layer.affine.affine_matrix, dtype=np.float64) @ inner.affine_matrix
 
 
-@dataclass
-class LayerCase:
-    """An image layer as the model sees it: channel-first data and a spatial 4×4 affine."""
-
-    name: str
-    data: np.ndarray  # (C, D0, D1, D2), a view of the layer's data where possible
-    affine: np.ndarray  # 4×4, spatial index → RAS mm (our Volume convention)
-    header: object | None
-    source: str
-
-
 def spatial_part(matrix: np.ndarray) -> np.ndarray:
     """The 4×4 spatial block of a 5×5 data→world matrix whose first axis is the modality."""
     out = np.eye(4)
@@ -70,8 +58,12 @@ def spatial_part(matrix: np.ndarray) -> np.ndarray:
     return out
 
 
-def layer_case(layer) -> LayerCase:
-    """Read an Image layer as a case; raises :class:`InputError` for layers no domain can take."""
+def layer_volume(layer) -> Volume:
+    """An Image layer as the core's :class:`Volume` (channel-first data, spatial 4×4 affine in RAS);
+    raises :class:`InputError` for layers no domain can take.
+
+    Only the layer's shape and transform are looked at: the data stays what the layer holds (a view,
+    or a lazy array that the job reads in its worker), so this is cheap on the GUI thread."""
     name = layer.name
     if getattr(layer, "rgb", False):
         raise InputError(
@@ -93,17 +85,17 @@ def layer_case(layer) -> LayerCase:
         )
     matrix = layer_data_to_world(layer)
     if layer.ndim == 3:
-        array, affine = np.asarray(data)[None], from_napari_affine(matrix)
+        array, affine = data[None], from_napari_affine(matrix)
     else:
-        array, affine = np.asarray(data), from_napari_affine(spatial_part(matrix))
+        array, affine = data, from_napari_affine(spatial_part(matrix))
     if min(array.shape[1:]) < 2:
         raise InputError(f"layer {name!r} is flat (shape {tuple(data.shape)}); a 3D volume is needed")
     meta = layer.metadata.get(META_KEY, {}) if isinstance(layer.metadata, dict) else {}
-    return LayerCase(name, array, affine, meta.get("header"), str(meta.get("source", "")))
+    return Volume(array, affine, header=meta.get("header"), source=str(meta.get("source", "")))
 
 
 def result_geometry(image_layer) -> dict:
-    """Layer keyword arguments that put a 3D labels array exactly on the image's grid."""
+    """Layer keyword arguments that put a 3D result array (labels, a map) exactly on the image's grid."""
     if image_layer.ndim == 3:
         return {
             "scale": np.array(image_layer.scale),
@@ -115,6 +107,23 @@ def result_geometry(image_layer) -> dict:
         }
     # A modality-first 4D image: its spatial transform, composed into one matrix.
     return {"affine": spatial_part(layer_data_to_world(image_layer)), "units": tuple(image_layer.units)[1:]}
+
+
+def with_leading_axes(geometry: dict, extra: int) -> dict:
+    """:func:`result_geometry`'s keywords for an array with ``extra`` leading axes (e.g. one per
+    class) that carry no geometry: the 3D transform composed into one matrix, identity before it."""
+    if not extra:
+        return geometry
+    from napari.utils.transforms import Affine
+
+    matrix = np.asarray(geometry["affine"], dtype=np.float64)
+    if "scale" in geometry:
+        parts = Affine(scale=geometry["scale"], translate=geometry["translate"], rotate=geometry["rotate"],
+                       shear=geometry["shear"])
+        matrix = matrix @ parts.affine_matrix
+    full = np.eye(matrix.shape[0] + extra)
+    full[extra:, extra:] = matrix
+    return {"affine": full, "units": ("pixel",) * extra + tuple(geometry["units"])}
 
 
 def radiological_view(viewer) -> None:

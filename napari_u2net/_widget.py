@@ -1,9 +1,12 @@
-"""The domain selector dock widget: wires the layout to napari layers and the engine's jobs.
+"""The domain selector dock widget: wires the layout to napari layers and the jobs of ``_models``
+(model sources) and ``_segment`` (the segmentation).
 
-Every slow step (importing torch, downloading or loading a model, segmenting) runs in a napari
-thread worker; the GUI thread only reads layers, starts jobs and turns their reports into the
-progress bar and their results into Labels layers. Errors become napari notifications that say
-what went wrong and what to do.
+Every slow step (importing torch, downloading or loading a model, reading image values,
+segmenting) runs in a napari thread worker; the GUI thread only looks at layers' shapes and
+transforms, starts jobs and turns their reports into the progress bar and their result (the
+core's :class:`~training.infer.result.Prediction`) into layers: a Labels layer per domain and an
+Image layer per further per-voxel map. Errors become napari notifications that say what went
+wrong and what to do.
 """
 
 from __future__ import annotations
@@ -21,17 +24,22 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QVBoxLayout, QWidget
 
 from training.errors import InputError
-from training.model.domain_match import suggest_domain
+from training.infer.config import InferenceConfig, validate_config
+from training.model.domain_match import guess_modality, suggest_domain
 
-from . import _engine
+from . import _jobs
 from ._devices import start_device_probe
-from ._geometry import META_KEY, layer_case, result_geometry
+from ._geometry import META_KEY, layer_volume, result_geometry, with_leading_axes
+from ._models import ModelChoice, load_model_job, model_choices
+from ._segment import RunReport, RunRequest, check_case, layer_channels, run_segmentation
+from ._session import session_for
 from ._widget_gui import DomainSelectorGui
 
 log = logging.getLogger(__name__)
 PREVIOUS_SUFFIX = " (previous)"
-# Jobs return failures (see _engine.guarded) instead of raising; start them once wired up.
-_NO_AUTOSTART = {"_start_thread": False, "_ignore_errors": True}
+OOM_ADVICE = (
+    "choose the CPU device, lower the overlap or the batch size, close other programs, or crop the volume"
+)
 # napari's per-Labels-layer overlays (polygon tool, brush stroke): their vispy visuals are built
 # only once visible, and building them was about half of inserting a result layer.
 _DEFERRED_OVERLAYS = ("polygon", "brush_stroke")
@@ -120,47 +128,52 @@ def class_features(meta):
     return pd.DataFrame({"index": np.arange(meta.num_classes), "class": meta.class_names})
 
 
-def segment_to_layers(request, cancel, predict_fn, build: Callable):
-    """The segmentation job plus building each result's Labels layer, all in the worker thread
-    (constructing a Labels layer takes a few hundred ms; the GUI thread only inserts it)."""
-    results = yield from _engine.run_segmentation(request, cancel, predict_fn=predict_fn)
-    return {domain: build(domain, labels) for domain, labels in results.items()}
+def segment_to_layers(request: RunRequest, cancel, predict_fn, build: Callable):
+    """The segmentation job plus building each domain's layers, all in the worker thread
+    (constructing a Labels layer takes a few hundred ms; the GUI thread only inserts it).
+    Returns ``{domain: (labels layer, [map layers])}``."""
+    prediction = yield from run_segmentation(request, cancel, predict_fn=predict_fn)
+    return {d: build(prediction[d]) for d in request.domains}
 
 
-def make_result_layer(image_name, domain, labels, meta, request, geometry, src_meta, model_dir):
-    """A Labels layer for one domain's result: classes, colours, the image's geometry, provenance."""
-    from napari.layers import Labels
+def result_layers(image_name: str, geometry: dict, result, meta, volume, model_dir) -> tuple:
+    """One domain's :class:`~training.infer.result.DomainResult` as layers on the image's grid: a
+    Labels layer (classes, colours, provenance) and an Image layer ``<image> <domain> <map>`` per
+    entry of ``result.maps``, so a per-voxel output the core adds shows without a plugin change.
+    ``geometry``: :func:`~._geometry.result_geometry` of the image layer (read on the GUI thread)."""
+    from napari.layers import Image, Labels
 
-    labels = np.asarray(labels)
-    metadata = {
-        META_KEY: {
-            "domain": domain,
-            "classes": meta.class_names,
-            "image": image_name,
-            "model": str(model_dir) if model_dir else "",
-            "affine": np.asarray(request.affine).copy(),
-            "header": src_meta.get("header"),
-            "source": src_meta.get("source", ""),
-            "shape": tuple(labels.shape),
-            "result_hash": labels_hash(labels),
-        }
+    labels = np.asarray(result.labels)
+    base = {
+        "domain": result.domain,
+        "image": image_name,
+        "model": str(model_dir) if model_dir else "",
+        "affine": np.asarray(volume.affine).copy(),
+        "header": volume.header,
+        "source": volume.source,
     }
-    return Labels(
-        labels,
-        name=f"{image_name} {domain}",
-        colormap=label_colormap(meta),
-        features=class_features(meta),
-        metadata=metadata,
-        opacity=0.5,
-        **geometry,
+    metadata = {META_KEY: {**base, "classes": meta.class_names, "shape": tuple(labels.shape),
+                           "result_hash": labels_hash(labels)}}
+    name = f"{image_name} {result.domain}"
+    labels_layer = Labels(
+        labels, name=name, colormap=label_colormap(meta), features=class_features(meta),
+        metadata=metadata, opacity=0.5, **geometry,
     )
+    maps = [
+        Image(np.asarray(data), name=f"{name} {key}", metadata={META_KEY: {**base, "map": key}},
+              blending="additive", **with_leading_axes(geometry, np.ndim(data) - 3))
+        for key, data in result.maps.items()
+    ]
+    return labels_layer, maps
 
 
 class DomainSelectorWidget(QWidget):
     """Segment an image layer with one or several domains of a U²-Net model.
 
-    ``predict_fn`` replaces :func:`training.infer.pipeline.predict` (same signature), for tests and
-    benchmarks; the default is the real inference.
+    ``predict_fn`` replaces :func:`training.infer.pipeline.predict` (same signature, returns a
+    :class:`~training.infer.result.Prediction`), for tests and benchmarks; the default is the real
+    inference. The model it loads is announced to the viewer's :class:`~._session.ModelSession`,
+    where the fine-tune panel finds it and announces the domains it adds.
     """
 
     def __init__(self, napari_viewer, predict_fn: Callable | None = None) -> None:
@@ -180,8 +193,11 @@ class DomainSelectorWidget(QWidget):
         self.model_worker = None
         self.cancel_event: threading.Event | None = None
         self._pbar = None
-        self._choices: list[_engine.ModelChoice] = []
+        self._choices: list[ModelChoice] = []
         self._pending_domains: list[str] | None = None
+        self.hint_jobs = 0  # modality guesses running (tests and benchmarks wait for 0)
+        self.session = session_for(napari_viewer)
+        self.session.domain_added.connect(self._on_domain_added)
 
         g = self.gui
         g.run_button.clicked.connect(self.run)
@@ -230,21 +246,44 @@ class DomainSelectorWidget(QWidget):
             self._update_run_enabled()
 
     def _on_image_choice(self) -> None:
-        """Another image: if no ticked domain can run on it, tick the one that fits it best."""
-        if self.model is not None:  # (the guess reads the image: not before there is a model)
-            hint = self._image_hint()
-            if hint[1] and not any(self._fits(d, hint) for d in self.checked_domains()):
-                self.set_checked_domains(self._suggested_domains(hint))
+        """Another image: if no ticked domain can run on it, tick the one that fits it best; first
+        from its metadata and shape, then (from a worker reading its values) its modality."""
         self._update_run_enabled()
+        if self.model is None:
+            return
+        hint = self._image_hint()
+        self._apply_hint(hint)
+        self._guess_modality(hint)
+
+    def _apply_hint(self, hint: tuple[str | None, int, str | None]) -> None:
+        if hint[1] and not any(self._fits(d, hint) for d in self.checked_domains()):
+            self.set_checked_domains(self._suggested_domains(hint))
+
+    def _guess_modality(self, hint: tuple[str | None, int, str | None]) -> None:
+        """Read a sample of the image's values in a worker (a lazy array would block the GUI
+        otherwise); when the image is still the chosen one, tick by the modality they suggest."""
+        image = self.image_layer()
+        if image is None or not hint[1] or hint[0] in self.model.adapters:
+            return  # nothing to guess for, or the image names its domain
+
+        def done(modality) -> None:
+            if modality is not None and image is self.image_layer() and self.model is not None:
+                self._apply_hint((hint[0], hint[1], modality))
+
+        def finished() -> None:
+            self.hint_jobs -= 1
+
+        self.hint_jobs += 1
+        _jobs.start(guess_modality, image.data, on_done=done, on_finished=finished, owner=self)
 
     def _image_hint(self) -> tuple[str | None, int, str | None]:
-        """(domain named in the image's metadata, its number of volumes, modality its values suggest);
-        0 volumes when there is no 3D/4D image."""
+        """(domain named in the image's metadata, its number of volumes, None: modality unknown yet);
+        0 volumes when there is no 3D/4D image. Metadata and shape only: no data is read."""
         image = self.image_layer()
         if image is None or image.data.ndim not in (3, 4):
             return None, 0, None
         meta = image.metadata.get(META_KEY, {}) if isinstance(image.metadata, dict) else {}
-        return meta.get("domain"), _engine.layer_channels(image.data), _engine.guess_modality(image.data)
+        return meta.get("domain"), layer_channels(image.data), None
 
     def _fits(self, domain: str, hint: tuple[str | None, int, str | None]) -> bool:
         named, channels, modality = hint
@@ -255,7 +294,7 @@ class DomainSelectorWidget(QWidget):
 
     def _suggested_domains(self, hint: tuple[str | None, int, str | None] | None = None) -> list[str]:
         """The domain to pre-tick: the one the image names (our samples do), else one that takes
-        its number of volumes and, if its values tell, its modality (CT: air in HU)."""
+        its number of volumes and, once its values told, its modality (CT: air in HU)."""
         named, channels, modality = hint or self._image_hint()
         if named in self.model.adapters:
             return [named]
@@ -281,18 +320,17 @@ class DomainSelectorWidget(QWidget):
     # -- models ------------------------------------------------------------------------------------
     def _fill_model_choices(self) -> None:
         """List the model sources in a worker (a registry may live behind a slow URL)."""
-        from napari.qt.threading import create_worker
-
         self.gui.model_info.setText("Looking for models…")
-        worker = create_worker(_engine.guarded_call, _engine.model_choices, _connect={"returned": self._set_model_choices}, **_NO_AUTOSTART)
-        self._choices_worker = worker
-        worker.start()
+        self._choices_worker = _jobs.start(
+            model_choices, on_done=self._set_model_choices, on_error=self._on_model_list_error
+        )
 
-    def _set_model_choices(self, choices) -> None:
-        if isinstance(choices, _engine.Failure):
-            log.error("listing models failed", exc_info=choices.error)
-            self._notify("warning", f"could not list the models ({choices.error}); a local model folder still works")
-            choices = []
+    def _on_model_list_error(self, error: BaseException) -> None:
+        log.error("listing models failed", exc_info=error)
+        self._notify("warning", f"could not list the models ({error}); a local model folder still works")
+        self._set_model_choices([])
+
+    def _set_model_choices(self, choices: list[ModelChoice]) -> None:
         combo = self.gui.model_combo
         index = combo.currentIndex()
         current = self._choices[index] if 0 <= index < len(self._choices) else None
@@ -332,7 +370,7 @@ class DomainSelectorWidget(QWidget):
     def set_model_dir(self, folder: str | Path, domains: list[str] | None = None) -> None:
         """Use a model directory from disk (a picked folder, or a freshly fine-tuned model)."""
         folder = Path(folder)
-        choice = _engine.ModelChoice(f"Folder: {folder.name}", "local", str(folder), True, str(folder), folder)
+        choice = ModelChoice(f"Folder: {folder.name}", "local", str(folder), True, str(folder), folder)
         combo = self.gui.model_combo
         for i, c in enumerate(self._choices):
             if c.kind == "local" and Path(c.spec) == folder:
@@ -366,18 +404,14 @@ class DomainSelectorWidget(QWidget):
             )
             self._notify("warning", "the bundled model is missing from this installation; choose another model")
             return
-        from napari.qt.threading import create_worker
-
         self.gui.model_info.setText("Downloading…" if choice.kind == "registry" else "Loading…")
-        worker = create_worker(
-            _engine.guarded,
-            _engine.load_model_job,
+        self.model_worker = _jobs.start(
+            load_model_job,
             choice,
-            _connect={"yielded": self._on_download_progress, "returned": lambda r, c=choice: self._on_model_job(c, r)},
-            **_NO_AUTOSTART,
+            on_report=self._on_download_progress,
+            on_done=lambda result, c=choice: self._is_current(c) and self._on_model_loaded(c, *result),
+            on_error=lambda error, c=choice: self._is_current(c) and self._on_model_error(error),
         )
-        self.model_worker = worker
-        worker.start()
 
     def _on_download_progress(self, report: tuple[int, int]) -> None:
         done, total = report
@@ -388,14 +422,10 @@ class DomainSelectorWidget(QWidget):
         else:
             bar.setFormat(f"downloading {done / 1e6:.1f} MB")
 
-    def _on_model_job(self, choice, result) -> None:
+    def _is_current(self, choice: ModelChoice) -> bool:
+        """False once the user picked another model while this one loaded."""
         index = self.gui.model_combo.currentIndex()
-        if not (0 <= index < len(self._choices)) or self._choices[index] is not choice:
-            return  # the user picked another model while this one loaded
-        if isinstance(result, _engine.Failure):
-            self._on_model_error(result.error)
-        else:
-            self._on_model_loaded(choice, *result)
+        return 0 <= index < len(self._choices) and self._choices[index] is choice
 
     def _on_model_loaded(self, choice, model_dir: Path, model) -> None:
         self.model, self.model_dir = model, Path(model_dir)
@@ -408,13 +438,23 @@ class DomainSelectorWidget(QWidget):
             f"{len(model.adapters)} domain(s) · trunk {arch.base_channels}→{arch.max_channels} ch, "
             f"{arch.levels} levels · {self.model_dir}"
         )
-        self._fill_domains(self._pending_domains)
-        self._pending_domains = None
+        pending, self._pending_domains = self._pending_domains, None
+        self._fill_domains(pending)
+        self.session.set_model(self.model_dir)
+        if not pending:  # ticked by the image's metadata and shape: refine by its values
+            self._guess_modality(self._image_hint())
+
+    def _on_domain_added(self, folder: Path, name: str) -> None:
+        """The fine-tune panel saved a domain: show it (ticked), reloading or switching the model."""
+        if self.model_dir is not None and Path(self.model_dir).resolve() == Path(folder).resolve():
+            self.reload_model(check=[name])
+        else:
+            self.set_model_dir(folder, domains=[name])
 
     def _on_model_error(self, error: BaseException) -> None:
         self.gui.progress_bar.setValue(0)
         self.gui.progress_bar.setFormat("idle")
-        level, text = _engine.user_message(error)
+        level, text = _jobs.user_message(error, "model loading", OOM_ADVICE)
         self.gui.model_info.setText(f"Cannot use this model: {text}")
         self._notify(level, f"cannot use this model: {text}")
 
@@ -462,32 +502,23 @@ class DomainSelectorWidget(QWidget):
         except InputError as e:
             self._notify("error", str(e))
             return
-        from napari.qt.threading import create_worker
         from napari.utils import progress
 
         self.cancel_event = threading.Event()
-        geometry = result_geometry(image)  # read on the GUI thread, used in the worker
-        src_meta = dict(image.metadata.get(META_KEY, {})) if isinstance(image.metadata, dict) else {}
         model, model_dir = self.model, self.model_dir
+        geometry, name = result_geometry(image), image.name  # read on the GUI thread, used in the worker
 
-        def build(domain, labels):
-            return make_result_layer(image.name, domain, labels, model.meta(domain), request, geometry, src_meta, model_dir)
+        def build(result):
+            return result_layers(name, geometry, result, model.meta(result.domain), request.volume, model_dir)
 
-        worker = create_worker(
-            _engine.guarded,
-            segment_to_layers,
-            request,
-            self.cancel_event,
-            self.predict_fn,
-            build,
-            _connect={
-                "yielded": self._on_report,
-                "returned": lambda result, img=image, req=request: self._on_run_returned(img, req, result),
-                "finished": self._on_run_finished,
-            },
-            **_NO_AUTOSTART,
+        self.worker = worker = _jobs.start(
+            segment_to_layers, request, self.cancel_event, self.predict_fn, build,
+            on_report=self._on_report,
+            on_done=lambda layers, img=image: self._on_run_returned(img, layers),
+            on_error=self._on_run_error,
+            on_finished=self._on_run_finished,
+            autostart=False,
         )
-        self.worker = worker
         self.gui.set_running(True)
         self.gui.progress_bar.setValue(0)
         self.gui.progress_bar.setFormat("starting…")
@@ -498,6 +529,20 @@ class DomainSelectorWidget(QWidget):
         # first run). Frozen objects are skipped until the run ends (as in the fine-tune panel).
         gc.freeze()
         worker.start()
+
+    def make_config(self) -> InferenceConfig:
+        """The run options as the core's :class:`InferenceConfig` (checked by the core's own rules)."""
+        g = self.gui
+        config = InferenceConfig(
+            device=g.device_combo.currentData(),
+            overlap=float(g.overlap_spin.value()),
+            batch_size=int(g.batch_spin.value()) or None,
+            postprocess=g.postprocess_check.isChecked(),
+            backend=g.backend_combo.currentData(),
+            amp=g.amp_check.isChecked(),
+        )
+        validate_config(config)
+        return config
 
     def _make_request(self):
         image = self.image_layer()
@@ -511,21 +556,9 @@ class DomainSelectorWidget(QWidget):
         domains = self.checked_domains()
         if not domains:
             raise InputError("tick at least one domain in the list")
-        case = layer_case(image)
-        _engine.check_case(case.data.shape[0], image.name, [self.model.meta(d) for d in domains])
-        request = _engine.RunRequest(
-            model=self.model,
-            data=case.data,
-            affine=case.affine,
-            domains=domains,
-            device=self.gui.device_combo.currentData(),
-            overlap=float(self.gui.overlap_spin.value()),
-            postprocess=self.gui.postprocess_check.isChecked(),
-            header=case.header,
-            source=case.source,
-            threads=self.threads,
-        )
-        return request, image
+        volume = layer_volume(image)
+        check_case(volume.channels, image.name, [self.model.meta(d) for d in domains])
+        return RunRequest(self.model, volume, domains, self.make_config(), self.threads), image
 
     def cancel(self) -> None:
         """Ask the running job to stop; it ends within one tile batch and adds nothing."""
@@ -534,7 +567,7 @@ class DomainSelectorWidget(QWidget):
             self.gui.progress_bar.setFormat("cancelling…")
             self.gui.cancel_button.setEnabled(False)
 
-    def _on_report(self, report: _engine.RunReport) -> None:
+    def _on_report(self, report: RunReport) -> None:
         value = int(round(1000 * report.fraction))
         self.gui.progress_bar.setValue(value)
         if report.total:
@@ -544,16 +577,14 @@ class DomainSelectorWidget(QWidget):
         if self._pbar is not None and value > self._pbar.n:
             self._pbar.update(value - self._pbar.n)
 
-    def _on_run_returned(self, image, request, result) -> None:
-        if isinstance(result, _engine.Failure):
-            self._on_run_error(result.error)
-        elif image not in self.viewer.layers:
+    def _on_run_returned(self, image, layers: dict) -> None:
+        if image not in self.viewer.layers:
             self._notify("warning", f"the image layer {image.name!r} was closed during the run; nothing added")
         else:
-            self._add_results(image, request, result)
+            self._add_results(image, layers)
 
     def _on_run_error(self, error: BaseException) -> None:
-        level, text = _engine.user_message(error)
+        level, text = _jobs.user_message(error, "segmentation", OOM_ADVICE)
         if level == "error" and not isinstance(error, (InputError,)):
             log.error("segmentation failed", exc_info=error)
         self.gui.status_label.setText(text)
@@ -571,9 +602,22 @@ class DomainSelectorWidget(QWidget):
         self.gui.progress_bar.setFormat("idle")
 
     # -- results ------------------------------------------------------------------------------------
-    def _add_results(self, image, request: _engine.RunRequest, layers: dict) -> None:
-        added = [self._add_result(image, domain, layer).name for domain, layer in layers.items()]
+    def _add_results(self, image, layers: dict) -> None:
+        added = []
+        for domain, (labels, maps) in layers.items():
+            added += [self._add_map(m).name for m in maps]
+            added.append(self._add_result(image, domain, labels).name)
         self.gui.status_label.setText("Added " + ", ".join(repr(n) for n in added))
+
+    def _add_map(self, layer):
+        """Insert a per-voxel map's Image layer, replacing the one of an earlier run."""
+        index = len(self.viewer.layers)
+        if layer.name in self.viewer.layers:
+            old = self.viewer.layers[layer.name]
+            index = self.viewer.layers.index(old)
+            self.viewer.layers.remove(old)
+        self.viewer.layers.insert(index, layer)
+        return layer
 
     def _add_result(self, image, domain: str, layer):
         """Insert one domain's Labels layer; an old result is replaced only if nobody edited it."""

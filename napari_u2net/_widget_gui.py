@@ -1,6 +1,12 @@
-"""Layout of the domain selector: widgets only, no behaviour (that is in ``_widget.py``)."""
+"""Layout of the domain selector: widgets only, no behaviour (that is in ``_widget.py``).
+
+The run options show the core's own choices and defaults (:mod:`training.infer.config`), so a
+default changed or a backend added there appears here without a change in the plugin.
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -15,12 +21,32 @@ from qtpy.QtWidgets import (
     QListWidget,
     QPushButton,
     QSizePolicy,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
+from training.infer.config import BACKENDS, InferenceConfig
+
 from ._devices import device_combo
 from ._progress_bar import ProgressBar
+
+# Backends that need an optional package: greyed out (with the reason) where it is not installed.
+BACKEND_PACKAGES = {"openvino": ("openvino", "pip install napari-u2net[openvino]")}
+
+
+def backend_combo() -> QComboBox:
+    """Every backend of :data:`training.infer.config.BACKENDS`, the core's default selected."""
+    combo = QComboBox()
+    for name in BACKENDS:
+        combo.addItem(name, name)
+        package = BACKEND_PACKAGES.get(name)
+        if package is not None and importlib.util.find_spec(package[0]) is None:
+            combo.model().item(combo.count() - 1).setEnabled(False)
+            combo.setItemData(combo.count() - 1, f"needs {package[0]}: {package[1]}", Qt.ToolTipRole)
+    combo.setCurrentIndex(max(combo.findData(InferenceConfig.backend), 0))
+    combo.setToolTip("What runs the network: torch, torch.compile'd graphs, or OpenVINO (CPU)")
+    return combo
 
 
 class DomainSelectorGui(QWidget):
@@ -63,10 +89,12 @@ class DomainSelectorGui(QWidget):
         options = QFormLayout()
         self.device_combo = device_combo()
         options.addRow("Device", self.device_combo)
+        self.backend_combo = backend_combo()
+        options.addRow("Backend", self.backend_combo)
         self.overlap_spin = QDoubleSpinBox()
         self.overlap_spin.setRange(0.0, 0.9)
         self.overlap_spin.setSingleStep(0.05)
-        self.overlap_spin.setValue(0.5)
+        self.overlap_spin.setValue(InferenceConfig.overlap)
         self.overlap_spin.setToolTip("Fraction by which neighbouring tiles overlap (more = smoother, slower)")
         options.addRow("Tile overlap", self.overlap_spin)
         self.postprocess_check = QCheckBox("remove stray islands")
@@ -74,8 +102,17 @@ class DomainSelectorGui(QWidget):
             "Keep each class's usual number of connected pieces (from its training labels, e.g. both "
             "kidneys) and drop small islands elsewhere"
         )
-        self.postprocess_check.setChecked(True)
+        self.postprocess_check.setChecked(InferenceConfig.postprocess)
         options.addRow("Clean-up", self.postprocess_check)
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(0, 64)
+        self.batch_spin.setSpecialValueText("auto")  # 0 = None: the core picks per device
+        self.batch_spin.setValue(InferenceConfig.batch_size or 0)
+        self.batch_spin.setToolTip("Tiles per forward pass (auto: several on a GPU, one on the CPU)")
+        options.addRow("Batch size", self.batch_spin)
+        self.amp_check = QCheckBox("mixed precision (CUDA only)")
+        self.amp_check.setChecked(InferenceConfig.amp)
+        options.addRow("", self.amp_check)
         outer.addLayout(options)
 
         buttons = QHBoxLayout()
@@ -100,6 +137,7 @@ class DomainSelectorGui(QWidget):
     def set_running(self, running: bool) -> None:
         """Lock the inputs while a job runs; only Cancel stays live."""
         for w in (self.image_combo, self.model_combo, self.folder_button, self.domain_list,
-                  self.device_combo, self.overlap_spin, self.postprocess_check, self.run_button):
+                  self.device_combo, self.backend_combo, self.overlap_spin, self.postprocess_check,
+                  self.batch_spin, self.amp_check, self.run_button):
             w.setEnabled(not running)
         self.cancel_button.setEnabled(running)

@@ -7,7 +7,8 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_u2net._engine import RunRequest, drain, run_segmentation  # noqa: E402
+from napari_u2net._jobs import drain  # noqa: E402
+from napari_u2net._segment import RunRequest, run_segmentation  # noqa: E402
 from napari_u2net._widget import DomainSelectorWidget  # noqa: E402
 from training.io.folders import bundled_model_dir  # noqa: E402
 
@@ -67,19 +68,21 @@ def test_real_inference_through_the_widget(make_napari_viewer, qtbot, ct_model_d
     np.testing.assert_allclose(labels._data_to_world.affine_matrix, image._data_to_world.affine_matrix)
 
 
-def test_subprocess_mode_gives_the_thread_result(ct_model_dir):
-    """The optional child-process inference returns what the in-thread one does."""
+def test_job_returns_what_predict_returns(ct_model_dir):
+    """The widget's job (progress reports, threads, cancel) returns the core's Prediction unchanged."""
     import threading
 
     from training.data.synth import generate_case
+    from training.infer.config import InferenceConfig
+    from training.infer.pipeline import predict
     from training.model.modelfile import load_model
 
     volume, _ = generate_case("liver-ct", 3, size_scale=0.5)
     model = load_model(ct_model_dir)
+    config = InferenceConfig(device="cpu", overlap=0.0)
     results = {}
-    for sub in (False, True):
-        req = RunRequest(model, volume.data, volume.affine, ["ct"], device="cpu", overlap=0.0, subprocess=sub)
-        results[sub] = drain(run_segmentation(req, threading.Event()))["ct"]
+    results[False] = predict(model, volume, ["ct"], config)["ct"].labels
+    results[True] = drain(run_segmentation(RunRequest(model, volume, ["ct"], config), threading.Event()))["ct"].labels
     np.testing.assert_array_equal(results[False], results[True])
 
 

@@ -118,6 +118,7 @@ def _panel(viewer, qtbot, base_model, patch: str = PATCH, **kw) -> tuple[FineTun
     g = w.gui
     g.device_combo.setCurrentIndex(g.device_combo.findData("cpu"))
     g.patch_edit.setText(patch)
+    qtbot.waitUntil(lambda: w.prefill_jobs == 0, timeout=10000)  # modality and classes: read in workers
     return w, rec
 
 

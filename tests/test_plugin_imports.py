@@ -30,10 +30,10 @@ def test_warm_up_imports_what_a_first_run_would_import_mid_run():
 
     code = (
         "import sys\n"
-        "from napari_u2net import _engine\n"
+        "from napari_u2net import _warmup\n"
         "lazy = ['SimpleITK', 'nibabel', 'torch._dynamo', 'training.train.adaptation', 'training.infer.pipeline']\n"
         "before = [m for m in lazy if m in sys.modules]\n"
-        "_engine.warm_up('training')\n"
+        "_warmup.warm_up('training')\n"
         "after = [m for m in lazy if m not in sys.modules]\n"
         "print(before, after)\n"
     )

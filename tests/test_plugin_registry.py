@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_u2net._engine import ModelChoice, load_model_job, model_choices  # noqa: E402
+from napari_u2net._models import ModelChoice, load_model_job, model_choices  # noqa: E402
 from napari_u2net._widget import DomainSelectorWidget  # noqa: E402
 from tests.test_registry import env, served  # noqa: E402,F401  (loopback server fixtures)
 

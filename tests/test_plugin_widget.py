@@ -19,6 +19,7 @@ pytest.importorskip("napari")
 from napari_u2net import _widget  # noqa: E402
 from napari_u2net._widget import DomainSelectorWidget  # noqa: E402
 from training.errors import Cancelled  # noqa: E402
+from training.infer.result import DomainResult, Prediction  # noqa: E402
 
 pytestmark = pytest.mark.qt
 
@@ -36,15 +37,18 @@ class FakeProgress:
 
 
 class ThresholdPredict:
-    """Labels = 1 where the first channel is above its mean; ``delay`` seconds per fake tile."""
+    """Labels = 1 where the first channel is above its mean; ``delay`` seconds per fake tile;
+    ``maps``: further per-voxel outputs, ``{name: fn(image) -> array}``."""
 
-    def __init__(self, tiles: int = 4, delay: float = 0.0, error: BaseException | None = None):
-        self.tiles, self.delay, self.error = tiles, delay, error
+    def __init__(self, tiles: int = 4, delay: float = 0.0, error: BaseException | None = None, maps=None):
+        self.tiles, self.delay, self.error, self.maps = tiles, delay, error, maps or {}
         self.calls: list[dict] = []
         self.started = threading.Event()
 
     def __call__(self, model, volume, domains, config=None, progress=None, cancel=None):
-        self.calls.append({"affine": volume.affine.copy(), "shape": volume.data.shape, "domains": list(domains)})
+        self.calls.append(
+            {"affine": volume.affine.copy(), "shape": volume.data.shape, "domains": list(domains), "config": config}
+        )
         self.started.set()
         if self.error is not None:
             raise self.error
@@ -57,8 +61,9 @@ class ThresholdPredict:
                 if progress:
                     progress(FakeProgress(d, t + 1, self.tiles))
             img = volume.data[0]
-            out[d] = (img > img.mean()).astype(np.uint8)
-        return out
+            maps = {name: fn(img) for name, fn in self.maps.items()}
+            out[d] = DomainResult(d, (img > img.mean()).astype(np.uint8), maps)
+        return Prediction(out)
 
 
 @pytest.fixture
@@ -309,8 +314,8 @@ def test_only_available_devices_are_enabled(make_napari_viewer, qtbot, model_dir
 
 
 def test_modality_guess_and_domain_suggestion():
-    from napari_u2net._engine import guess_modality, layer_channels
-    from training.model.domain_match import suggest_domain
+    from napari_u2net._segment import layer_channels
+    from training.model.domain_match import guess_modality, suggest_domain
 
     ct = np.full((4, 8, 8), -1000.0)
     ct[:, 2:6, 2:6] = 60
@@ -342,6 +347,7 @@ def test_ticked_domain_follows_the_image(make_napari_viewer, qtbot, tmp_path):
     viewer.window.add_dock_widget(widget)
     widget.set_model_dir(tmp_path / "m")
     qtbot.waitUntil(lambda: widget.model is not None and widget.gui.domain_list.count() == 3, timeout=30000)
+    qtbot.waitUntil(lambda: widget.hint_jobs == 0, timeout=10000)  # its values are read in a worker
     assert widget.checked_domains() == ["spleen"]  # not the first in the list (heart, an MR domain)
     viewer.add_image(np.stack([blob_image(), blob_image()]), name="two volumes")
     viewer.add_image(blob_image(), name="mr")
@@ -351,6 +357,7 @@ def test_ticked_domain_follows_the_image(make_napari_viewer, qtbot, tmp_path):
 
     def choose(name):
         widget.gui.image_combo.setCurrentText(name)
+        qtbot.waitUntil(lambda: widget.hint_jobs == 0, timeout=10000)
         return widget.checked_domains()
 
     assert choose("two volumes") == ["prostate"]
@@ -363,5 +370,67 @@ def test_ticked_domain_follows_the_image(make_napari_viewer, qtbot, tmp_path):
     assert choose("mr") == ["heart"]
     assert choose("named") == ["spleen"]  # heart is not the domain it names
     widget.set_checked_domains(["heart"])
-    widget.gui.image_combo.setCurrentText("ct")  # chosen by hand: heart cannot take a CT
-    assert widget.checked_domains() == ["spleen"]
+    assert choose("ct") == ["spleen"]  # chosen by hand: heart cannot take a CT
+
+
+def test_per_voxel_maps_become_image_layers_on_the_image_grid(make_napari_viewer, qtbot, model_dir, messages):
+    """Every entry of a DomainResult's ``maps`` is shown as an Image layer ``<image> <domain> <map>``
+    with exactly the image's geometry, as the labels are; a map with a leading (class) axis too."""
+    viewer = make_napari_viewer()
+    image = viewer.add_image(
+        blob_image(), name="scan", affine=OBLIQUE, scale=(1.5, 1, 0.5), translate=(3, -2, 1), rotate=10
+    )
+    predict = ThresholdPredict(maps={
+        "certainty": lambda img: (img / img.max()).astype(np.float32),
+        "probabilities": lambda img: np.stack([1 - img / img.max(), img / img.max()]).astype(np.float32),
+    })
+    widget = make_widget(viewer, qtbot, model_dir, predict)
+    widget.set_checked_domains(["ct"])
+    run_and_wait(widget, qtbot)
+    assert not [m for m in messages if m[0] == "error"], messages
+    layer = viewer.layers["scan ct certainty"]
+    assert layer._type_string == "image" and layer.data.dtype == np.float32
+    np.testing.assert_array_equal(layer.data, (blob_image() / blob_image().max()).astype(np.float32))
+    labels = viewer.layers["scan ct"]
+    for part in ("scale", "translate", "rotate"):
+        np.testing.assert_allclose(getattr(layer, part), getattr(image, part))
+    np.testing.assert_array_equal(layer.affine.affine_matrix, image.affine.affine_matrix)
+    np.testing.assert_allclose(layer._data_to_world.affine_matrix, labels._data_to_world.affine_matrix, atol=1e-12)
+    probs = viewer.layers["scan ct probabilities"]
+    assert probs.data.shape == (2, *blob_image().shape)
+    np.testing.assert_allclose(  # the spatial axes sit where the image's are
+        probs._data_to_world.affine_matrix[1:, 1:], image._data_to_world.affine_matrix, atol=1e-9
+    )
+    run_and_wait(widget, qtbot)  # a second run replaces the maps
+    assert [lay.name for lay in viewer.layers].count("scan ct certainty") == 1
+
+
+def test_run_options_are_the_core_inference_config(make_napari_viewer, qtbot, model_dir, messages):
+    """The options' defaults are InferenceConfig's; a run gets them as one InferenceConfig, backend,
+    batch size and mixed precision included; every core backend is offered (OpenVINO greyed out
+    when not installed)."""
+    import importlib.util
+
+    from training.infer.config import BACKENDS, InferenceConfig
+
+    viewer = make_napari_viewer()
+    viewer.add_image(blob_image(), name="scan")
+    predict = ThresholdPredict()
+    widget = make_widget(viewer, qtbot, model_dir, predict)
+    g = widget.gui
+    assert g.overlap_spin.value() == InferenceConfig.overlap
+    assert g.backend_combo.currentData() == InferenceConfig.backend
+    assert [g.backend_combo.itemData(i) for i in range(g.backend_combo.count())] == list(BACKENDS)
+    openvino = g.backend_combo.model().item(g.backend_combo.findData("openvino"))
+    assert openvino.isEnabled() == (importlib.util.find_spec("openvino") is not None)
+    if not openvino.isEnabled():
+        assert "openvino" in openvino.toolTip()
+    run_and_wait(widget, qtbot)
+    assert predict.calls[-1]["config"] == InferenceConfig(device=g.device_combo.currentData())
+    g.backend_combo.setCurrentIndex(g.backend_combo.findData("compiled"))
+    g.batch_spin.setValue(3)
+    g.amp_check.setChecked(False)
+    g.overlap_spin.setValue(0.25)
+    run_and_wait(widget, qtbot)
+    config = predict.calls[-1]["config"]
+    assert (config.backend, config.batch_size, config.amp, config.overlap) == ("compiled", 3, False, 0.25)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path
 
-from napari_u2net._geometry import META_KEY, from_napari_affine, layer_case
+from napari_u2net._geometry import META_KEY, from_napari_affine, layer_volume
 from napari_u2net._reader import napari_get_reader, read_volume
 from napari_u2net._writer import write_labels_layer
 from training.io.volume import nifti_to_ours, read_image
@@ -82,8 +82,8 @@ def test_open_and_save_through_napari(make_napari_viewer, tmp_path):
     """napari's own open/save find our reader and writer; the saved file has the source's affine."""
     viewer = make_napari_viewer()
     (image,) = viewer.open(ANATOMICAL, plugin="napari-u2net")
-    case = layer_case(image)
-    np.testing.assert_array_equal(case.affine, nifti_to_ours(nib.load(ANATOMICAL).affine))
+    volume = layer_volume(image)
+    np.testing.assert_array_equal(volume.affine, nifti_to_ours(nib.load(ANATOMICAL).affine))
     labels = viewer.add_labels(
         (np.asarray(image.data) > 50).astype(np.uint8), name="seg", affine=image.affine, metadata=image.metadata
     )

@@ -1,5 +1,5 @@
-"""Which existing domain a new one starts from, and which one to tick for an image (torch-free: the
-GUI panels use them live)."""
+"""Which existing domain a new one starts from, which one to tick for an image, and which modality an
+image's values suggest (torch-free: the GUI panels use them live)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,20 @@ def _best(candidates: Iterable[tuple], score) -> str | None:
     first name in sorted order."""
     ranked = sorted(candidates)
     return max(ranked, key=score)[0] if ranked else None
+
+
+# CT scans hold air at about −1000 HU; MR intensities are never negative. Halfway is safe for both.
+CT_AIR_HU = -500.0
+
+
+def guess_modality(data, stride: int = 4) -> str | None:
+    """"CT" when an image holds air in Hounsfield units (≤ −500), "MR" when it has no negative
+    values, None otherwise. Reads every ``stride``-th row and column (a few ms on a large scan;
+    a lazy array is read here, so call it from a worker, never on the GUI thread)."""
+    import numpy as np
+
+    sample = np.asarray(data[..., ::stride, ::stride])
+    if sample.size == 0:
+        return None
+    low = float(np.nanmin(sample))
+    return "CT" if low <= CT_AIR_HU else "MR" if low >= 0 else None
