@@ -22,7 +22,7 @@ class ModelChoice:
     """One entry of the model picker."""
 
     label: str
-    kind: str  # "bundled" | "cached" | "registry" | "local"
+    kind: str  # "bundled" | "cached" | "registry" | "user" | "local"
     spec: str | None  # what training.model.registry.resolve_model takes (None = bundled)
     available: bool = True
     description: str = ""
@@ -30,7 +30,7 @@ class ModelChoice:
 
 
 def model_choices() -> list[ModelChoice]:
-    """The bundled model (flagged when missing) and every registry/cached model
+    """The bundled model (flagged when missing) and every registry, cached and user-made model
     (:func:`training.model.registry.list_models`, which lists the bundled one only when present)."""
     from training.io.folders import bundled_model_dir
     from training.model.registry import list_models
@@ -46,6 +46,8 @@ def model_choices() -> list[ModelChoice]:
             choices.append(ModelChoice(f"Bundled: {e.name}", "bundled", None, True, e.description, e.path))
         elif e.source == "cached":
             choices.append(ModelChoice(f"Downloaded: {e.name}", "cached", e.name, True, e.description, e.path))
+        elif e.source == "user":
+            choices.append(ModelChoice(f"Yours: {e.name}", "user", e.name, True, e.description, e.path))
         else:
             choices.append(ModelChoice(f"Download: {e.name}", "registry", e.name, True, e.description, None))
     if not any(c.kind == "bundled" for c in choices):

@@ -1,36 +1,29 @@
-"""npe2 reader: NIfTI files and DICOM series folders → Image layers in RAS millimetres.
+"""npe2 reader: NIfTI files, DICOM files and DICOM folders → Image layers in RAS millimetres.
 
 The layer's ``affine`` is the volume's index → RAS mm matrix, so napari places the data exactly
 where the scanner put it (oblique volumes included). A 4D (multi-modal) file opens as ONE layer,
 modality first, which is what multi-modal domains take. The full geometry (affine, NIfTI header,
 source path) is kept in ``layer.metadata["u2net"]`` for the writer and the domain selector.
+A DICOM folder holding several series opens as one layer per series, named by its description.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from training.io.dicom import is_dicom_file, list_series, read_dicom
 from training.io.volume import Volume, is_nifti, read_image
 
 from ._geometry import META_KEY, volume_layer_affine
 
 
 def _looks_like_dicom_folder(path: Path) -> bool:
-    """A folder with a ``.dcm`` file or a file carrying the DICOM magic (``DICM`` at byte 128)."""
+    """A folder with a DICOM file among its first files (by suffix or the ``DICM`` marker)."""
     for i, f in enumerate(path.iterdir()):
         if i > 200:
             break
-        if not f.is_file():
-            continue
-        if f.suffix.lower() == ".dcm":
+        if is_dicom_file(f):
             return True
-        try:
-            with open(f, "rb") as fh:
-                fh.seek(128)
-                if fh.read(4) == b"DICM":
-                    return True
-        except OSError:
-            continue
     return False
 
 
@@ -43,7 +36,7 @@ def napari_get_reader(path):
     p = Path(path)
     if p.is_dir():
         return read_volume if _looks_like_dicom_folder(p) else None
-    return read_volume if is_nifti(p) else None
+    return read_volume if is_nifti(p) or is_dicom_file(p) else None
 
 
 def layer_name(path: str | Path) -> str:
@@ -79,8 +72,15 @@ def volume_layer_data(volume: Volume, name: str, **kwargs) -> tuple:
 
 
 def read_volume(path) -> list[tuple]:
-    """Read one NIfTI file or DICOM folder (errors are U2NetError with a reason)."""
+    """Read one NIfTI file, DICOM file or DICOM folder (errors are U2NetError with a reason)."""
     if isinstance(path, (list, tuple)):
         path = path[0]
-    volume = read_image(path)
-    return [volume_layer_data(volume, layer_name(path))]
+    path = Path(path)
+    if path.is_dir():
+        series = list_series(path)
+        if len(series) > 1:
+            return [
+                volume_layer_data(read_dicom(path, s.uid), f"{path.name} {s.description or s.uid}")
+                for s in series
+            ]
+    return [volume_layer_data(read_image(path), layer_name(path))]

@@ -38,3 +38,22 @@ def test_picking_a_registry_model_in_the_widget_downloads_it(make_napari_viewer,
     assert widget.gui.domain_list.count() == 2
     assert (env / "models" / "tiny" / "trunk.safetensors").is_file()
     assert isinstance(widget._choices[combo.currentIndex()], ModelChoice)
+
+
+def test_a_model_the_user_trained_is_offered_after_a_restart(model_dir, tmp_path, monkeypatch):
+    """What the Fine-tune panel saved (<cache>/models/user) is a choice of its own, and loads."""
+    import shutil
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("U2NET_HOME", str(home))
+    monkeypatch.delenv("U2NET_REGISTRY", raising=False)
+    shutil.copytree(model_dir, home / "models" / "user")
+    choices = {c.label: c for c in model_choices()}
+    assert choices["Yours: user"].kind == "user" and choices["Yours: user"].path == home / "models" / "user"
+    job = load_model_job(choices["Yours: user"])
+    try:
+        while True:
+            next(job)
+    except StopIteration as stop:
+        loaded_dir, model = stop.value
+    assert loaded_dir == home / "models" / "user" and sorted(model.domains) == ["ct", "mr2"]

@@ -109,3 +109,31 @@ def test_dicom_folder_opens_as_one_layer_in_place(tmp_path):
     affine = attrs["metadata"][META_KEY]["affine"]
     assert_same_image(data, affine, arr, aff)  # slices ordered along the normal: axis 0 may flip
     np.testing.assert_allclose(from_napari_affine(np.asarray(attrs["affine"])), affine, atol=1e-9)
+
+
+def test_a_dicom_file_and_a_folder_of_several_series_are_claimed(tmp_path):
+    """One slice file opens its whole series; a folder with two series opens one layer each,
+    named by the series (before: a .dcm went to napari's built-in 2D reader, and a mixed folder
+    silently opened its largest series)."""
+    import shutil
+
+    from .test_volume import write_dicom_series
+
+    aff = np.diag([2.0, 0.8, 0.8, 1.0])
+    for i, shape in enumerate([(5, 12, 10), (4, 8, 9)]):
+        arr = (np.random.default_rng(i).random(shape) * 1000).astype(np.int16)
+        write_dicom_series(tmp_path / f"s{i}", arr, aff, f"1.2.826.0.1.3680043.2.1125.{30 + i}")
+    one = sorted((tmp_path / "s0").iterdir())[0]
+    assert napari_get_reader(str(one)) is read_volume
+    ((data, attrs, kind),) = read_volume(str(one))
+    assert kind == "image" and data.shape == (5, 12, 10)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i in range(2):
+        for f in (tmp_path / f"s{i}").iterdir():
+            shutil.copy(f, mixed / f"{i}{f.name}")
+    assert napari_get_reader(str(mixed)) is read_volume
+    layers = read_volume(str(mixed))
+    assert [d.shape for d, _, _ in layers] == [(5, 12, 10), (4, 8, 9)]
+    assert [a["name"] for _, a, _ in layers] == ["mixed 1.2.826.0.1.3680043.2.1125.30",
+                                                 "mixed 1.2.826.0.1.3680043.2.1125.31"]
