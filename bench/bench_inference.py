@@ -1,4 +1,4 @@
-"""Inference speed and memory, ours vs MONAI's ``sliding_window_inference`` (issue 3).
+"""Inference speed and memory, ours vs MONAI's ``sliding_window_inference`` (docs/inference.md).
 
 Speed: the paper's network (base 16, 6 levels) on a 1×128×256×256 float32 volume already at the
 domain's spacing, patch 64×128×128, overlap 0.5. MONAI in its default usage (contiguous layout,
@@ -10,7 +10,7 @@ a CT-sized 1×300×512×512 volume, 2 classes: peak resident memory above the pr
 (after imports, model load, one warm-up tile and creating the input volume) while turning the
 volume into labels, each measurement in a fresh subprocess.
 
-    python bench/bench_inference.py            # the issue's cases (minutes on a small CPU)
+    python bench/bench_inference.py            # the documented cases (minutes on a small CPU)
     python bench/bench_inference.py --quick    # smaller volumes, for trying things out
 
 Prints a table, then one JSON line per case (speed: one per backend).
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PATCH = (64, 128, 128)
+OVERLAP = 0.5  # the documented case's, for MONAI and us alike
 SPEED_SHAPE = (1, 128, 256, 256)
 SPEED_SHAPE_QUICK = (1, 64, 160, 160)
 MEMORY_SHAPE = (1, 300, 512, 512)
@@ -101,7 +102,7 @@ def tiny_net():
     return OneConv().eval()
 
 
-def monai_run(fn, image, overlap=0.5):
+def monai_run(fn, image, overlap=OVERLAP):
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -120,8 +121,8 @@ def speed_case(quick: bool, backends: list[str]) -> list[dict]:
     shape = SPEED_SHAPE_QUICK if quick else SPEED_SHAPE
     net = paper_net()
     image = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    tiles = count_tiles(shape[1:], PATCH, 0.5)
-    print(f"speed: U2Net base 16 / 6 levels, volume {shape}, patch {PATCH}, overlap 0.5, "
+    tiles = count_tiles(shape[1:], PATCH, OVERLAP)
+    print(f"speed: U2Net base 16 / 6 levels, volume {shape}, patch {PATCH}, overlap {OVERLAP}, "
           f"{tiles} tiles, {torch.get_num_threads()} torch threads", flush=True)
 
     t = time.perf_counter()
@@ -137,14 +138,14 @@ def speed_case(quick: bool, backends: list[str]) -> list[dict]:
         OPENVINO_CACHE.clear()
         COMPILED_CACHE.clear()
         t = time.perf_counter()
-        probs = sliding_window(net, "bench", image, PATCH, overlap=0.5, device="cpu", backend=backend)
+        probs = sliding_window(net, "bench", image, PATCH, overlap=OVERLAP, device="cpu", backend=backend)
         first = time.perf_counter() - t
         warm = first
         if backend in ("openvino", "compiled"):  # the second run loads the compiled graph from disk
             OPENVINO_CACHE.clear()
             COMPILED_CACHE.clear()
             t = time.perf_counter()
-            probs = sliding_window(net, "bench", image, PATCH, overlap=0.5, device="cpu", backend=backend)
+            probs = sliding_window(net, "bench", image, PATCH, overlap=OVERLAP, device="cpu", backend=backend)
             warm = time.perf_counter() - t
         diff = (probs - ref).abs().max().item()
         agree = (probs.argmax(0) == ref.argmax(0)).float().mean().item()
@@ -183,7 +184,7 @@ def memory_worker(which: str, quick: bool) -> None:
     import torch
 
     from training.infer.backends import TorchRunner
-    from training.infer.sliding_window import sliding_window_labels
+    from training.infer.sliding_window import LabelSink, sweep_slabs
 
     shape = MEMORY_SHAPE_QUICK if quick else MEMORY_SHAPE
     net = tiny_net()
@@ -195,7 +196,9 @@ def memory_worker(which: str, quick: bool) -> None:
     t = time.perf_counter()
     with PeakRSS() as m:
         if which == "ours":
-            labels = sliding_window_labels(runner, "bench", image, PATCH, overlap=0.5)
+            sink = LabelSink(shape[1:], runner.num_classes)
+            sweep_slabs(runner, "bench", image, PATCH, [sink], overlap=OVERLAP)
+            labels = sink.result()
         else:
             out = monai_run(lambda x: net(x, "bench"), image)
             labels = np.empty(shape[1:], dtype=np.uint8)
@@ -229,7 +232,7 @@ def memory_case(quick: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller volumes (not the issue's figures)")
+    p.add_argument("--quick", action="store_true", help="smaller volumes (not the documented figures)")
     p.add_argument("--case", choices=["speed", "memory", "all"], default="all")
     p.add_argument("--backends", default="torch,compiled,openvino",
                    help="comma-separated (default torch,compiled,openvino)")

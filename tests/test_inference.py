@@ -20,9 +20,12 @@ from training.infer.pipeline import InferenceConfig, predict, predict_files
 from training.infer.postprocess import component_counts, keep_largest_components
 from training.infer.sliding_window import (
     InferenceProgress,
+    LabelSink,
     OomPolicy,
+    ProbabilitySink,
     count_tiles,
     sliding_window,
+    sweep_slabs,
     tile_starts,
 )
 from training.io.resample import canonical_orientation, reorient_affine, reorient_array, undo_reorient_array
@@ -165,6 +168,36 @@ def test_progress_counts_up_to_total_and_cancel_returns_nothing():
         predict(small_model(), Volume(image.numpy(), np.eye(4)), ["ct"], CPU, cancel=lambda: True)
 
 
+class MaxProbabilitySink:
+    """A sink the engine does not know: the top class probability, and the rows it was given."""
+
+    def __init__(self, shape):
+        self.out = np.zeros(shape, dtype=np.float32)
+        self.rows = []
+
+    def add(self, slab):
+        self.rows.append((slab.z0, slab.z1))
+        self.out[slab.z0 : slab.z1] = slab.probabilities().amax(dim=0).numpy()
+
+    def result(self):
+        return self.out
+
+
+@pytest.mark.parametrize("shape", [(1, 20, 40, 36), (1, 10, 20, 50)])  # the second is zero-padded
+def test_every_sink_sees_the_same_slabs(shape):
+    net = small_net().eval()
+    image = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    reference = sliding_window(net, "ct", image, PATCH, device="cpu")
+    runner = backends.make_runner(net, "ct", "torch", torch.device("cpu"), patch_size=PATCH)
+    labels, top = LabelSink(shape[1:], runner.num_classes), MaxProbabilitySink(shape[1:])
+    sweep_slabs(runner, "ct", image, PATCH, [labels, top])
+    assert top.rows[0][0] == 0 and top.rows[-1][1] == shape[1]
+    assert all(a[1] == b[0] for a, b in zip(top.rows, top.rows[1:]))  # in order, each row once
+    assert torch.equal(torch.from_numpy(top.result()), reference.amax(dim=0))
+    assert labels.result().dtype == np.uint8
+    assert np.array_equal(labels.result(), reference.argmax(dim=0).numpy())
+
+
 def test_out_of_memory_degrades_instead_of_crashing(monkeypatch):
     net = small_net().eval()
     image = torch.randn(1, 20, 40, 36)
@@ -297,6 +330,25 @@ def test_real_network_on_oblique_file_keeps_geometry():
     assert set(np.unique(labels)) <= {0, 1}
 
 
+@pytest.mark.parametrize("resampled", [False, True])
+def test_a_map_goes_back_to_the_input_grid_as_the_labels_do(monkeypatch, resampled):
+    affine = _affines()["oblique"]  # permuted, flipped and rotated axes
+    volume = cube_volume((20, 28, 24), affine)
+    model = threshold_model((1.5, 1.25, 1.5) if resampled else tuple(canonical_spacing(affine)))
+    config = InferenceConfig(device="cpu", postprocess=False)
+    assert predict(model, volume, ["cube"], config)["cube"].maps == {}  # no map unless asked for
+
+    def probabilities(config, meta, grid_shape):
+        return {"probabilities": ProbabilitySink(grid_shape, meta.num_classes, torch.float16)}
+
+    monkeypatch.setattr(inference, "_map_sinks", probabilities)
+    result = predict(model, volume, ["cube"], config)["cube"]
+    probs = result.maps["probabilities"]
+    assert probs.shape == (2, *volume.shape)
+    assert np.array_equal(probs.argmax(axis=0), result.labels)
+    assert dice(probs[1] > 0.5, volume.data[0] > 0.5) > 0.9
+
+
 def test_several_domains_share_the_resampling(monkeypatch):
     calls = []
     real = inference.resample
@@ -368,7 +420,7 @@ def test_component_counts_learn_the_usual_number_from_training_labels():
 
 def test_prediction_keeps_the_domains_number_of_components():
     """A domain whose labels have two organs per class (kidneys) keeps both after post-processing;
-    a model file written without the counts keeps the largest only, as before."""
+    a model file written without the counts keeps the largest only."""
     data = _blobs(np.s_[2:8, 2:8, 2:8], np.s_[2:7, 12:17, 2:7], shape=(10, 20, 10)).astype(np.float32)[None]
     volume = Volume(data, np.eye(4))
     model = threshold_model((1.0, 1.0, 1.0))

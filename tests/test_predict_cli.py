@@ -89,10 +89,11 @@ def test_console_script(tmp_path, model_dir):
     proc = subprocess.run(
         [str(script), "predict", str(image), "--domain", "ct", "--model", str(model_dir), "-o", str(out),
          "--device", "cpu"],
-        capture_output=True, text=True, timeout=240, env=env,
+        capture_output=True, text=True, timeout=240, env=env, check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert nib.load(out).shape == (12, 16, 16)
     again = subprocess.run([str(script), "predict", str(image), "--domain", "ct", "--model", str(model_dir),
-                            "-o", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=240)
+                            "-o", str(out), "--device", "cpu"],
+                           capture_output=True, text=True, timeout=240, check=False)
     assert again.returncode == 2 and "already exists" in again.stderr

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from training.errors import InputError
-from training.infer.config import BACKENDS  # noqa: F401  (what make_runner accepts)
+from training.infer.config import validate_backend
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def compile_openvino(net: nn.Module, domain: str, in_channels: int, patch_size, 
     if ir is not None and ir.is_file():
         try:
             model = core.read_model(str(ir))
-        except Exception:  # a damaged IR: convert again
+        except Exception:  # noqa: BLE001 - a damaged IR, whatever the error: convert again
             model = None
     if model is None:
         module = DomainNet(copy.deepcopy(net).to("cpu").float().eval(), domain).eval()
@@ -308,7 +308,7 @@ def load_compiled(net: nn.Module, domain: str, patch_size, batch_size: int, weig
     path = compile_aot(net, domain, patch_size, batch_size, weights_key=weights_key)
     try:
         return torch._inductor.aoti_load_package(str(path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a damaged package, whatever the error: rebuild it
         log.warning("compiled package %s could not be loaded (%s); compiling it again", path, e)
         path.unlink(missing_ok=True)
         return torch._inductor.aoti_load_package(str(compile_aot(net, domain, patch_size, batch_size,
@@ -317,15 +317,13 @@ def load_compiled(net: nn.Module, domain: str, patch_size, batch_size: int, weig
 
 def make_runner(net: nn.Module, domain: str, backend: str, device: torch.device, *, amp: bool = True,
                 patch_size=None, batch_size: int = 1, channels_last: bool | None = None):
-    """Build the runner for ``backend`` (see :data:`BACKENDS`); ``channels_last`` (torch only):
-    None = on the CPU, which works on a copy of the network."""
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    """Build the runner for ``backend`` (one of :data:`training.infer.config.BACKENDS`);
+    ``channels_last`` (torch only): None = on the CPU, which works on a copy of the network."""
+    validate_backend(backend)
     if backend == "torch":
         return TorchRunner(net, domain, device, amp=amp, channels_last=channels_last)
-    label = {"compiled": "compiled", "openvino": "OpenVINO"}[backend]
     if device.type != "cpu":
-        raise InputError(f"the {label} backend runs on the CPU only; use --device cpu (not {device})")
+        raise InputError(f"the {backend} backend runs on the CPU only; use --device cpu (not {device})")
     if backend == "openvino" and not openvino_available():
         raise InputError(f"the OpenVINO backend is not installed; {OPENVINO_HINT}")
     config = net.domain_config(domain)
@@ -339,7 +337,7 @@ def make_runner(net: nn.Module, domain: str, backend: str, device: torch.device,
         return OpenVINORunner(compiled, batch_size, config.num_classes)
     try:
         fn = COMPILED_CACHE.get(key, lambda: load_compiled(net, domain, patch, batch_size, weights))
-    except Exception as e:  # no compiler, an unsupported op, a full disk: eager still works
+    except Exception as e:  # noqa: BLE001 - no compiler, an unsupported op, a full disk: eager still works
         log.warning("the compiled backend is unavailable (%s: %s); running eager PyTorch instead",
                     type(e).__name__, e)
         return TorchRunner(net, domain, device, amp=amp, channels_last=channels_last)

@@ -1,5 +1,5 @@
-"""How a segmentation runs: :class:`InferenceConfig`, the one home of its defaults (torch-free, so
-the CLI's ``--help`` and the plugin read the defaults without importing torch)."""
+"""How a segmentation runs: :class:`InferenceConfig`, the one home of its defaults, and the checks
+of its settings (torch-free, so the CLI's ``--help`` and the plugin read them without torch)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,19 @@ class InferenceConfig:
     amp: bool = True  # mixed precision on CUDA only; never bf16 on CPU
 
 
+def validate_overlap(overlap: float) -> None:
+    if not 0 <= overlap < 1:
+        raise InputError(f"overlap must be ≥ 0 and < 1, got {overlap}")
+
+
+def validate_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+
+
 def validate_config(config: InferenceConfig) -> None:
-    if not 0 <= config.overlap < 1:
-        raise InputError(f"overlap must be ≥ 0 and < 1, got {config.overlap}")
+    """Refuse settings that cannot work, before any computation starts."""
+    validate_overlap(config.overlap)
     if config.batch_size is not None and config.batch_size < 1:
         raise InputError(f"batch size must be ≥ 1, got {config.batch_size}")
-    if config.backend not in BACKENDS:
-        raise InputError(f"unknown backend {config.backend!r}; use one of {', '.join(BACKENDS)}")
+    validate_backend(config.backend)

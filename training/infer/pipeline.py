@@ -12,28 +12,31 @@ Everything a user can get wrong is checked before any computation starts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from training.data.normalization import normalize
-from training.errors import InputError
+from training.errors import CancelFlag, InputError, check_cancel
 from training.infer.backends import make_runner
 from training.infer.config import InferenceConfig, validate_config
 from training.infer.postprocess import keep_largest_components
 from training.infer.result import DomainResult, Prediction
 from training.infer.sliding_window import (
-    CancelFlag,
     InferenceProgress,
-    check_cancel,
+    LabelSink,
+    ProbabilitySink,
+    ProgressFn,
+    SlabSink,
     count_tiles,
-    iter_probability_slabs,
     sliding_window,
+    sweep_slabs,
 )
 from training.io.devices import default_batch_size, resolve_device
 from training.io.resample import (
+    Orientation,
     canonical_orientation,
     needs_resampling,
     reorient_affine,
@@ -53,10 +56,6 @@ __all__ = [
     "sliding_window",
     "validate_input",
 ]
-
-
-
-ProgressFn = Callable[[InferenceProgress], None]
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -108,10 +107,10 @@ def predict(
     cancel: CancelFlag = None,
 ) -> Prediction:
     """Segment ``volume`` with each domain of ``model``; a :class:`Prediction` with one
-    :class:`DomainResult` per domain.
+    :class:`DomainResult` per domain, in the order asked.
 
-    Labels have exactly ``volume.shape`` and lie on the volume's grid (write them with
-    ``volume.affine``). Raises :class:`InputError` on unusable input before any work and
+    Labels (and any map) have exactly ``volume.shape`` and lie on the volume's grid (write them
+    with ``volume.affine``). Raises :class:`InputError` on unusable input before any work and
     :class:`~training.errors.Cancelled` (returning nothing) when ``cancel`` is set.
     """
     config = config or InferenceConfig()
@@ -122,77 +121,84 @@ def predict(
     device = resolve_device(config.device)
     batch = config.batch_size or default_batch_size(device)
 
-    def report(domain, done, total, stage):
-        if progress is not None:
-            progress(InferenceProgress(domain, done, total, stage))
-
     orient = canonical_orientation(volume.affine)
     affine_c = reorient_affine(volume.affine, volume.shape, orient)
     data_c = reorient_array(volume.data, orient)  # a view
     shape_c = tuple(data_c.shape[1:])
-
-    # Group domains by target grid so that each distinct spacing is resampled once.
-    groups: dict[tuple, list[str]] = {}
-    for d in domains:
-        spacing = tuple(float(s) for s in model.meta(d).spacing)
-        key = spacing if needs_resampling(affine_c, spacing) else None
-        groups.setdefault(key, []).append(d)
-
-    if any(key is not None for key in groups):
+    grids = _grids(model, domains, affine_c, shape_c)
+    if any(spacing is not None for spacing in grids):
         _check_resamplable(volume)
-    grids = {
-        key: (affine_c, shape_c) if key is None else resampled_grid(affine_c, shape_c, key) for key in groups
-    }
     totals = {
-        d: count_tiles(grids[key][1], model.meta(d).patch_size, config.overlap) for key, g in groups.items() for d in g
+        d: count_tiles(grid_shape, model.meta(d).patch_size, config.overlap)
+        for _, grid_shape, group in grids.values()
+        for d in group
     }
 
-    results: dict[str, np.ndarray] = {}
-    for spacing, group in groups.items():
+    def report(domain, stage, done=None):
+        if progress is not None:
+            total = totals[domain]
+            progress(InferenceProgress(domain, total if done is None else done, total, stage))
+
+    results: dict[str, DomainResult] = {}
+    for spacing, (grid_affine, grid_shape, group) in grids.items():
         for d in group:
-            report(d, 0, totals[d], "preprocess")
+            report(d, "preprocess", done=0)
         check_cancel(cancel)
-        grid_affine, grid_shape = grids[spacing]
         if spacing is None:
             image = np.ascontiguousarray(data_c, dtype=np.float32)
         else:
             image = np.stack([resample(c, affine_c, grid_affine, grid_shape) for c in data_c])
+        back = _WayBack(orient, affine_c, shape_c, None if spacing is None else grid_affine)
         for d in group:
             meta = model.meta(d)
             check_cancel(cancel)
             x = torch.from_numpy(normalize(image, meta.normalization))
-            total = totals[d]
             runner = make_runner(
                 model.net, d, config.backend, device, amp=config.amp,
                 patch_size=meta.patch_size, batch_size=batch,
             )
-            slabs = iter_probability_slabs(
-                runner, d, x, meta.patch_size, overlap=config.overlap, batch_size=batch,
-                progress=progress, cancel=cancel, labels_only=spacing is None,
+            classes = back.label_sink(grid_shape, meta.num_classes)
+            map_sinks = _map_sinks(config, meta, grid_shape)
+            sweep_slabs(
+                runner, d, x, meta.patch_size, [classes, *map_sinks.values()], overlap=config.overlap,
+                batch_size=batch, progress=progress, cancel=cancel,
             )
-            dtype = label_dtype(meta.num_classes - 1)
-            if spacing is None:  # on the model's grid already: only labels are ever formed
-                labels_c = np.empty(grid_shape, dtype=dtype)
-                for z0, z1, block in slabs:
-                    labels_c[z0:z1] = block
-            else:
-                probs16 = np.empty((meta.num_classes, *grid_shape), dtype=np.float16)
-                for z0, z1, probs in slabs:
-                    probs16[:, z0:z1] = probs.numpy()
-                del x
-                report(d, total, total, "resample")
-                labels_c = _resampled_argmax(probs16, grid_affine, affine_c, shape_c, dtype, cancel)
-                del probs16
-            labels = np.ascontiguousarray(undo_reorient_array(labels_c, orient))
-            del labels_c
+            del x
+            if back.resamples:
+                report(d, "resample")
+            labels = back.labels(classes, cancel)
+            maps = {name: back.values(sink.result(), cancel) for name, sink in map_sinks.items()}
+            del classes, map_sinks
             if config.postprocess:
                 check_cancel(cancel)
-                report(d, total, total, "postprocess")
+                report(d, "postprocess")
                 keep_largest_components(labels, meta.kept_components)
-            results[d] = labels
-            report(d, total, total, "done")
+            results[d] = DomainResult(d, labels, maps)
+            report(d, "done")
         del image
-    return Prediction({d: DomainResult(d, results[d]) for d in domains})
+    return Prediction({d: results[d] for d in domains})
+
+
+def _map_sinks(config: InferenceConfig, meta, grid_shape) -> dict[str, SlabSink]:
+    """The per-voxel outputs besides the labels, by name (:attr:`DomainResult.maps`): one sink
+    each on the network's grid, returning a float array (…, Z, Y, X) that goes back to the input's
+    grid as the labels do. None is asked for yet; a probability or uncertainty map is one entry."""
+    return {}
+
+
+def _grids(model, domains: list[str], affine_c, shape_c) -> dict:
+    """Domains grouped by the grid the network sees, so that each distinct spacing is resampled
+    once: ``{spacing or None: (affine, shape, domains)}``, None for the image's own grid (the
+    domain's spacing matches the image's)."""
+    grids: dict = {}
+    for d in domains:
+        spacing = tuple(float(s) for s in model.meta(d).spacing)
+        key = spacing if needs_resampling(affine_c, spacing) else None
+        if key not in grids:
+            grid = (affine_c, shape_c) if key is None else resampled_grid(affine_c, shape_c, key)
+            grids[key] = (*grid, [])
+        grids[key][2].append(d)
+    return grids
 
 
 def _check_resamplable(volume: Volume) -> None:
@@ -206,13 +212,69 @@ def _check_resamplable(volume: Volume) -> None:
         )
 
 
-def _resampled_argmax(probs: np.ndarray, src_affine, dst_affine, dst_shape, dtype, cancel) -> np.ndarray:
-    """Argmax of the class probabilities resampled onto the target grid, one class at a time."""
+class _WayBack:
+    """From the grid the network saw to the input's: linear resampling onto the canonical input
+    grid (only when the domain's spacing differs from the image's), then the inverse
+    reorientation. Labels and every map take this one road, so they lie on the input's grid alike.
+    """
+
+    def __init__(self, orient: Orientation, affine_c, shape_c, grid_affine=None):
+        self.orient = orient
+        self.affine_c, self.shape_c = affine_c, tuple(shape_c)
+        self.grid_affine = grid_affine  # None: the network saw the canonical input grid itself
+
+    @property
+    def resamples(self) -> bool:
+        return self.grid_affine is not None
+
+    def channels(self, array: np.ndarray, cancel: CancelFlag) -> Iterator[np.ndarray]:
+        """Each (Z, Y, X) channel of ``array`` (…, Z, Y, X) on the network's grid, resampled
+        (float32) onto the canonical input grid, one at a time so that only one is held."""
+        for channel in array.reshape(-1, *array.shape[-3:]):
+            check_cancel(cancel)
+            if self.resamples:
+                channel = resample(channel.astype(np.float32), self.grid_affine, self.affine_c, self.shape_c)
+            yield channel
+
+    def to_input(self, array_c: np.ndarray) -> np.ndarray:
+        """An array (…, Z, Y, X) on the canonical input grid → the input's own axes (contiguous)."""
+        return np.ascontiguousarray(undo_reorient_array(array_c, self.orient))
+
+    def label_sink(self, grid_shape, num_classes: int) -> SlabSink:
+        """What the labels need from the sweep: on the input's grid only the argmax; through a
+        resampling the probabilities (float16: half the memory, ample for an argmax)."""
+        if self.resamples:
+            return ProbabilitySink(grid_shape, num_classes, torch.float16)
+        return LabelSink(grid_shape, num_classes)
+
+    def labels(self, sink: SlabSink, cancel: CancelFlag) -> np.ndarray:
+        """The labels on the input's grid from what :meth:`label_sink` kept: the argmax of the
+        probabilities resampled class by class (one class held at a time)."""
+        if not self.resamples:
+            return self.to_input(sink.result())
+        probs = sink.result().numpy()
+        dtype = label_dtype(probs.shape[0] - 1)
+        return self.to_input(_argmax(self.channels(probs, cancel), self.shape_c, dtype))
+
+    def values(self, array, cancel: CancelFlag) -> np.ndarray:
+        """A per-voxel map (…, Z, Y, X) on the network's grid (numpy or a CPU tensor) → the
+        input's grid (linear; float32 when resampled, else its own dtype)."""
+        array = np.asarray(array)
+        if not self.resamples:
+            return self.to_input(array)
+        lead = array.shape[:-3]
+        out = np.empty((int(np.prod(lead, dtype=int)), *self.shape_c), dtype=np.float32)
+        for i, channel in enumerate(self.channels(array, cancel)):
+            out[i] = channel
+        return self.to_input(out.reshape(*lead, *self.shape_c))
+
+
+def _argmax(channels: Iterable[np.ndarray], shape, dtype) -> np.ndarray:
+    """Argmax over class probabilities given one class at a time (ties go to the lower class, as
+    :func:`numpy.argmax`); overwrites the first channel."""
     best = None
-    labels = np.zeros(dst_shape, dtype=dtype)
-    for k in range(probs.shape[0]):
-        check_cancel(cancel)
-        p = resample(probs[k].astype(np.float32), src_affine, dst_affine, dst_shape)
+    labels = np.zeros(shape, dtype=dtype)
+    for k, p in enumerate(channels):
         if best is None:
             best = p
         else:

@@ -17,8 +17,9 @@ class DomainResult:
     """One domain's outputs on the input's grid."""
 
     domain: str
-    labels: np.ndarray  # (Z, Y, X) uint8 (uint16 beyond 255 classes), exactly the input's shape
-    # Further per-voxel outputs asked for in InferenceConfig.outputs, by name, each (…, Z, Y, X).
+    labels: np.ndarray  # (Z, Y, X) uint8 (uint16 beyond 256 classes), exactly the input's shape
+    # Further per-voxel outputs by name (e.g. probabilities), each (…, Z, Y, X) on the same grid;
+    # none yet by default.
     maps: dict[str, np.ndarray] = field(default_factory=dict)
 
 

@@ -7,23 +7,28 @@ the probabilities agree with MONAI's to float precision.
 
 Unlike MONAI we do not hold full-volume float32 output and weight maps. Tiles are visited slab
 by slab along axis 0: once every tile starting at z has run, the voxels before the next start
-are final, so they are normalised, turned into probabilities and handed to the caller, and the
-accumulator (only one patch deep) rolls on. The caller decides what to keep: full
-probabilities (:func:`sliding_window`), float16 probabilities, or only the argmax labels.
+are final, so they go out as a :class:`Slab` and the accumulator (only one patch deep) rolls
+on. What is kept of each slab is the caller's choice, one *sink* per output
+(:class:`SlabSink`): argmax labels (:class:`LabelSink`, never forming probabilities),
+probabilities in a chosen precision (:class:`ProbabilitySink`), or any other per-voxel
+reduction. A new output is a new sink; the sweep itself does not change.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.errors import CancelFlag, Cancelled, InputError, U2NetError, check_cancel, is_cancelled  # noqa: F401
+from training.errors import CancelFlag, InputError, U2NetError, check_cancel
+from training.infer.config import InferenceConfig, validate_overlap
 from training.io.devices import default_batch_size, is_out_of_memory, release_memory, resolve_device
+from training.io.volume import label_dtype
 
 SIGMA_SCALE = 0.125  # Gaussian sigma as a fraction of the patch (MONAI's and nnU-Net's choice)
 MIN_WEIGHT = 1e-3  # MONAI's floor for the importance map (avoids 0/0 at tile corners)
@@ -32,6 +37,8 @@ OUTPUT_ROWS = 8  # finished slices are handed out this many at a time
 
 @dataclass
 class InferenceProgress:
+    """Where a run stands, for progress bars: tiles are the unit, stages name the slow steps."""
+
     domain: str
     done: int  # tiles done (for this domain)
     total: int  # tiles in total (for this domain)
@@ -60,6 +67,16 @@ def padding_for(shape, patch) -> list[tuple[int, int]]:
     return pads
 
 
+def tile_grid(shape, patch, overlap: float) -> list[list[int]]:
+    """Tile start indices per axis of the volume once padded (:func:`padding_for`) to the patch."""
+    return [tile_starts(max(int(s), int(p)), int(p), overlap) for s, p in zip(shape, patch)]
+
+
+def count_tiles(shape, patch, overlap: float) -> int:
+    """How many tiles the sweep runs (the progress total)."""
+    return math.prod(len(starts) for starts in tile_grid(shape, patch, overlap))
+
+
 def gaussian_importance(patch, sigma_scale: float = SIGMA_SCALE, device=None) -> torch.Tensor:
     """Separable Gaussian weight map (peak 1 at the centre, floored at :data:`MIN_WEIGHT`)."""
     weights = None
@@ -70,9 +87,66 @@ def gaussian_importance(patch, sigma_scale: float = SIGMA_SCALE, device=None) ->
     return weights.clamp_(min=MIN_WEIGHT)
 
 
-def count_tiles(shape, patch, overlap: float) -> int:
-    padded = [max(s, p) for s, p in zip(shape, patch)]
-    return math.prod(len(tile_starts(s, p, overlap)) for s, p in zip(padded, patch))
+# -- what is kept of each slab ------------------------------------------------------------------
+class Slab:
+    """Finished rows ``z0:z1`` of the volume (unpadded coordinates), as every sink sees them.
+
+    It holds the Gaussian-weighted logit sums, not probabilities: the argmax needs no softmax,
+    and the probabilities are formed at most once, however many sinks ask. Its tensors are
+    views into the rolling accumulator, valid only while the sinks' ``add`` runs.
+    """
+
+    def __init__(self, z0: int, z1: int, logit_sum: torch.Tensor, weight: torch.Tensor):
+        self.z0, self.z1 = z0, z1
+        self._logit_sum = logit_sum  # (K, z1-z0, Y, X) on the accumulator's device
+        self._weight = weight  # (z1-z0, Y, X), positive
+        self._probabilities: torch.Tensor | None = None
+
+    def probabilities(self) -> torch.Tensor:
+        """Softmax probabilities (K, z1-z0, Y, X) float32 on the CPU."""
+        if self._probabilities is None:
+            self._probabilities = torch.softmax(self._logit_sum / self._weight, dim=0).cpu()
+        return self._probabilities
+
+    def argmax(self) -> torch.Tensor:
+        """The most probable class (z1-z0, Y, X) on the CPU; the weights are positive, so the
+        argmax of the weighted sum is that of the average and no probability is formed."""
+        return self._logit_sum.argmax(dim=0).cpu()
+
+
+class SlabSink(Protocol):
+    """One output of the sweep: ``add`` sees every slab once, in order; ``result`` at the end."""
+
+    def add(self, slab: Slab) -> None: ...
+
+    def result(self): ...
+
+
+class LabelSink:
+    """Argmax labels (Z, Y, X) uint8 (uint16 beyond 256 classes); never forms probabilities."""
+
+    def __init__(self, shape, num_classes: int):
+        self.labels = np.empty(tuple(shape), dtype=label_dtype(num_classes - 1))
+
+    def add(self, slab: Slab) -> None:
+        self.labels[slab.z0 : slab.z1] = slab.argmax().numpy()
+
+    def result(self) -> np.ndarray:
+        return self.labels
+
+
+class ProbabilitySink:
+    """Softmax probabilities (K, Z, Y, X) on the CPU, stored as ``dtype`` (float16 halves what a
+    volume that is resampled afterwards costs)."""
+
+    def __init__(self, shape, num_classes: int, dtype: torch.dtype = torch.float32):
+        self.probabilities = torch.empty((num_classes, *shape), dtype=dtype)
+
+    def add(self, slab: Slab) -> None:
+        self.probabilities[:, slab.z0 : slab.z1] = slab.probabilities()
+
+    def result(self) -> torch.Tensor:
+        return self.probabilities
 
 
 # -- out-of-memory policy -----------------------------------------------------------------------
@@ -97,28 +171,35 @@ class OomPolicy:
         return "give-up"
 
 
-# -- the streaming core -------------------------------------------------------------------------
-def iter_probability_slabs(
+# -- the sweep ----------------------------------------------------------------------------------
+def _accumulators(k: int, patch, yp: int, xp: int, device: torch.device):
+    """Importance map, logit sums (K, pz, Y, X) and weight sums (pz, Y, X): one patch deep."""
+    importance = gaussian_importance(patch, device=device)
+    acc = torch.zeros((k, patch[0], yp, xp), dtype=torch.float32, device=device)
+    weight = torch.zeros((patch[0], yp, xp), dtype=torch.float32, device=device)
+    return importance, acc, weight
+
+
+def sweep_slabs(
     runner,
     domain: str,
     image: torch.Tensor,
     patch_size,
+    sinks: Sequence[SlabSink],
     *,
-    overlap: float = 0.5,
+    overlap: float = InferenceConfig.overlap,
     batch_size: int | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
-    labels_only: bool = False,
-) -> Iterator[tuple[int, int, torch.Tensor | np.ndarray]]:
-    """Yield ``(z0, z1, probs)``: softmax probabilities (K, z1-z0, Y, X) float32 on the CPU for
-    consecutive slabs of axis 0 of ``image`` (C, Z, Y, X) until the whole volume is covered.
+) -> None:
+    """Run ``runner`` over ``image`` (C, Z, Y, X) tile by tile and hand every finished
+    :class:`Slab` of axis 0, in order, to each of ``sinks`` until the whole volume is covered.
 
-    With ``labels_only`` the slabs are argmax labels (z1-z0, Y, X) as uint8 (uint16 beyond 256
-    classes) numpy arrays instead: no probabilities are ever formed."""
+    Volumes smaller than the patch are zero-padded; the slabs cover the unpadded volume only.
+    """
     if image.ndim != 4:
         raise InputError(f"expected an image (C, Z, Y, X), got shape {tuple(image.shape)}")
-    if not 0 <= overlap < 1:
-        raise InputError(f"overlap must be in [0, 1), got {overlap}")
+    validate_overlap(overlap)
     patch = tuple(int(p) for p in patch_size)
     if len(patch) != 3 or min(patch) < 1:
         raise InputError(f"patch size must be three positive integers, got {patch_size}")
@@ -129,28 +210,21 @@ def iter_probability_slabs(
         image = F.pad(image, flat)
     _, zp, yp, xp = image.shape
     pz, py, px = patch
-    z_starts = tile_starts(zp, pz, overlap)
-    yx_starts = [(y, x) for y in tile_starts(yp, py, overlap) for x in tile_starts(xp, px, overlap)]
-    total = len(z_starts) * len(yx_starts)
-    k = runner.num_classes
-    label_dtype = np.uint8 if k <= 256 else np.uint16
+    z_starts, y_starts, x_starts = tile_grid(shape, patch, overlap)
+    yx_starts = [(y, x) for y in y_starts for x in x_starts]
+    total = count_tiles(shape, patch, overlap)
     policy = OomPolicy(batch_size or default_batch_size(runner.device))
 
     try:
-        acc_device = runner.device
-        importance = gaussian_importance(patch, device=acc_device)
-        acc = torch.zeros((k, pz, yp, xp), dtype=torch.float32, device=acc_device)
-        weight = torch.zeros((pz, yp, xp), dtype=torch.float32, device=acc_device)
-    except Exception as e:  # noqa: BLE001 - a GPU too full for the accumulator: keep it on the CPU
+        importance, acc, weight = _accumulators(runner.num_classes, patch, yp, xp, runner.device)
+    except Exception as e:  # a GPU too full for the accumulator: keep it on the CPU
         if not is_out_of_memory(e) or runner.device.type == "cpu":
             raise
         release_memory(runner.device)
-        acc_device = torch.device("cpu")
-        importance = gaussian_importance(patch, device=acc_device)
-        acc = torch.zeros((k, pz, yp, xp), dtype=torch.float32, device=acc_device)
-        weight = torch.zeros((pz, yp, xp), dtype=torch.float32, device=acc_device)
+        importance, acc, weight = _accumulators(runner.num_classes, patch, yp, xp, torch.device("cpu"))
     (zlo, _), (ylo, _), (xlo, _) = pads
     z_end = zlo + shape[0]
+    ys, xs = slice(ylo, ylo + shape[1]), slice(xlo, xlo + shape[2])
     done = 0
     try:
         for gi, z0 in enumerate(z_starts):
@@ -161,7 +235,7 @@ def iter_probability_slabs(
                 tiles = torch.stack([image[:, z0 : z0 + pz, y : y + py, x : x + px] for y, x in chunk])
                 try:
                     logits = runner(tiles).to(acc.device, torch.float32)
-                except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
+                except Exception as e:  # only out-of-memory is handled
                     if not is_out_of_memory(e):
                         raise
                     del tiles
@@ -193,17 +267,12 @@ def iter_probability_slabs(
             n = z1 - z0
             a, b = max(z0, zlo), min(z1, z_end)  # drop the padding rows
             # Finished rows go out a few at a time, so temporaries stay a few slices thin.
-            ys, xs = slice(ylo, ylo + shape[1]), slice(xlo, xlo + shape[2])
             for r0 in range(a, b, OUTPUT_ROWS):
                 r1 = min(r0 + OUTPUT_ROWS, b)
-                block = acc[:, r0 - z0 : r1 - z0, ys, xs]
-                if labels_only:  # the weights are positive: argmax of the sum = of the average
-                    out = block.argmax(dim=0).cpu().numpy().astype(label_dtype)
-                else:
-                    out = torch.softmax(block / weight[r0 - z0 : r1 - z0, ys, xs], dim=0).cpu()
-                del block
-                yield r0 - zlo, r1 - zlo, out
-                del out
+                slab = Slab(r0 - zlo, r1 - zlo, acc[:, r0 - z0 : r1 - z0, ys, xs], weight[r0 - z0 : r1 - z0, ys, xs])
+                for sink in sinks:
+                    sink.add(slab)
+                del slab
             keep = pz - n
             if keep > 0:
                 acc[:, :keep] = acc[:, n : n + keep].clone()
@@ -221,17 +290,17 @@ def sliding_window(
     image: torch.Tensor,
     patch_size,
     *,
-    overlap: float = 0.5,
+    overlap: float = InferenceConfig.overlap,
     batch_size: int | None = None,
-    device: str | torch.device = "auto",
+    device: str | torch.device = InferenceConfig.device,
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
-    amp: bool = True,
-    backend: str = "torch",
+    amp: bool = InferenceConfig.amp,
+    backend: str = InferenceConfig.backend,
     copy_for_speed: bool = True,
 ) -> torch.Tensor:
     """Softmax probabilities (K, Z, Y, X) float32 on the CPU for a normalised image (C, Z, Y, X)
-    already at the domain's spacing. Volumes smaller than the patch are zero-padded.
+    already at the domain's spacing: the whole volume at once, for callers that want it.
 
     ``copy_for_speed=False`` runs ``net`` itself (no channels-last copy): the trainer's
     validation, where copying every adapter each time costs more than it saves."""
@@ -241,19 +310,7 @@ def sliding_window(
     bs = batch_size or default_batch_size(dev)
     runner = make_runner(net, domain, backend, dev, amp=amp, patch_size=patch_size, batch_size=bs,
                          channels_last=None if copy_for_speed else False)
-    shape = tuple(image.shape[1:])
-    out = torch.empty((runner.num_classes, *shape), dtype=torch.float32)
-    for z0, z1, probs in iter_probability_slabs(
-        runner, domain, image, patch_size, overlap=overlap, batch_size=bs, progress=progress, cancel=cancel
-    ):
-        out[:, z0:z1] = probs
-    return out
-
-
-def sliding_window_labels(runner, domain: str, image: torch.Tensor, patch_size, **kwargs) -> np.ndarray:
-    """Argmax labels (Z, Y, X) uint8 (uint16 beyond 256 classes), never forming probabilities."""
-    k = runner.num_classes
-    labels = np.empty(tuple(image.shape[1:]), dtype=np.uint8 if k <= 256 else np.uint16)
-    for z0, z1, block in iter_probability_slabs(runner, domain, image, patch_size, labels_only=True, **kwargs):
-        labels[z0:z1] = block
-    return labels
+    sink = ProbabilitySink(image.shape[1:], runner.num_classes)
+    sweep_slabs(runner, domain, image, patch_size, [sink], overlap=overlap, batch_size=bs,
+                progress=progress, cancel=cancel)
+    return sink.result()
