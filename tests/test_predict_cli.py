@@ -97,3 +97,58 @@ def test_console_script(tmp_path, model_dir):
                             "-o", str(out), "--device", "cpu"],
                            capture_output=True, text=True, timeout=240, check=False)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.mark.parametrize("place", ["a file in the path", "read-only file system"])
+def test_unwritable_output_exits_2_before_any_work(tmp_path, model_dir, capsys, place):
+    image = _image(tmp_path / "case.nii.gz")
+    if place == "a file in the path":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "labels.nii.gz"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a read-only file system needs root")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], check=True)
+        out = ro / "labels.nii.gz"
+    try:
+        rc = main(["predict", str(image), "--domain", "ct", "--model", str(model_dir), "-o", str(out),
+                   "--device", "cpu"])  # no --quiet: a progress bar would show that work had started
+        err = capsys.readouterr().err.strip().splitlines()
+    finally:
+        if place != "a file in the path":
+            subprocess.run(["umount", "-l", str(tmp_path / "ro")], check=False)
+    assert rc == 2
+    assert len(err) == 1 and "cannot write here" in err[0], err
+
+
+def test_a_file_written_meanwhile_is_not_replaced(tmp_path, model_dir, monkeypatch, capsys):
+    """The existence check passes, then another run writes the output before this one finishes:
+    without --overwrite this run fails with one line and the other run's file stays."""
+    import training.infer.pipeline as pipeline
+
+    image = _image(tmp_path / "case.nii.gz")
+    out = tmp_path / "labels.nii.gz"
+    real_predict = pipeline.predict
+
+    def predict_then_another_run_writes(*args, **kwargs):
+        result = real_predict(*args, **kwargs)
+        out.write_bytes(b"the other run's labels")
+        return result
+
+    monkeypatch.setattr(pipeline, "predict", predict_then_another_run_writes)
+    rc = main(["predict", str(image), "--domain", "ct", "--model", str(model_dir), "-o", str(out),
+               "--device", "cpu", "--quiet"])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    assert out.read_bytes() == b"the other run's labels"
+    assert sorted(p.name for p in tmp_path.iterdir() if p != model_dir) == ["case.nii.gz", "labels.nii.gz"]
+
+
+def test_the_cli_removes_its_temporary_files_on_a_signal(tmp_path, model_dir):
+    import signal
+
+    main(["predict", str(_image(tmp_path / "c.nii.gz")), "--domain", "ct", "--model", str(model_dir),
+          "-o", str(tmp_path / "o.nii.gz"), "--device", "cpu", "--quiet"])
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        assert getattr(signal.getsignal(sig), "removes_temporaries", False)

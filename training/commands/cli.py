@@ -12,19 +12,13 @@ import importlib
 import sys
 
 from training.errors import U2NetError
+from training.io.atomic import remove_temporaries_on_signals
 
 COMMANDS = ["info", "predict", "synth", "train", "adapt", "evaluate", "download"]
 
 
 def _load_commands() -> list:
-    modules = []
-    for name in COMMANDS:
-        try:
-            modules.append(importlib.import_module(f"training.commands.{name}"))
-        except ModuleNotFoundError as e:
-            if e.name != f"training.commands.{name}":
-                raise
-    return modules
+    return [importlib.import_module(f"training.commands.{name}") for name in COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    remove_temporaries_on_signals()  # a killed run leaves no hidden half-written file behind
     try:
         return int(args._run(args) or 0)
     except U2NetError as e:

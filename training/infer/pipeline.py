@@ -324,6 +324,7 @@ def predict_files(
     ``model`` is a loaded :class:`~training.model.modelfile.Model`, a model directory, or None for the
     bundled model. Nothing is written unless every domain succeeded.
     """
+    from training.io.atomic import check_writable
     from training.io.volume import read_image, write_labels
     from training.model.modelfile import Model, load_model
     from training.model.registry import resolve_model
@@ -338,10 +339,11 @@ def predict_files(
             raise InputError(f"{path}: output would overwrite an input image")
         if path.exists() and not overwrite:
             raise InputError(f"{path}: already exists; remove it or pass --overwrite")
+        check_writable(path)  # a read-only, full or missing place is said now, not after the work
     if not isinstance(model, Model):
         model = load_model(resolve_model(model), domains=domains)
     volume = read_image(images if len(images) > 1 else images[0])
     prediction = predict(model, volume, domains, config, progress, cancel)
-    for d, path in paths.items():
-        write_labels(path, prediction[d].labels, volume.affine, like=volume)
+    for d, path in paths.items():  # exclusive unless overwriting: a file another run wrote meanwhile is kept
+        write_labels(path, prediction[d].labels, volume.affine, like=volume, overwrite=overwrite)
     return paths

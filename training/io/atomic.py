@@ -173,6 +173,8 @@ def remove_temporaries_on_signals() -> None:
         if sig is None:
             continue
         previous = signal.getsignal(sig)
+        if getattr(previous, "removes_temporaries", False):  # installed already (main() runs twice in tests)
+            continue
         signal.signal(sig, _cleanup_then(sig, previous))
 
 
@@ -191,4 +193,5 @@ def _cleanup_then(sig: int, previous) -> Callable:
         signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
 
+    handler.removes_temporaries = True
     return handler
