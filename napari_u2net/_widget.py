@@ -153,7 +153,7 @@ def result_layers(image_name: str, geometry: dict, result, meta, volume, model_d
         "source": volume.source,
     }
     metadata = {META_KEY: {**base, "classes": meta.class_names, "shape": tuple(labels.shape),
-                           "result_hash": labels_hash(labels)}}
+                           "result_hash": labels_hash(labels), "empty": result.empty}}
     name = f"{image_name} {result.domain}"
     labels_layer = Labels(
         labels, name=name, colormap=label_colormap(meta), features=class_features(meta),
@@ -603,11 +603,21 @@ class DomainSelectorWidget(QWidget):
 
     # -- results ------------------------------------------------------------------------------------
     def _add_results(self, image, layers: dict) -> None:
-        added = []
+        added, empty = [], []
         for domain, (labels, maps) in layers.items():
             added += [self._add_map(m).name for m in maps]
             added.append(self._add_result(image, domain, labels).name)
+            if labels.metadata[META_KEY]["empty"]:
+                empty.append(domain)
         self.gui.status_label.setText("Added " + ", ".join(repr(n) for n in added))
+        for domain in empty:
+            meta = self.model.meta(domain)
+            looked_for = ", ".join(meta.class_names[1:])
+            self._notify(
+                "warning",
+                f"{domain} found nothing in {image.name!r} (its layer is empty). It looks for {looked_for} "
+                f"on {meta.modality} images: check that this image shows them, or choose another domain.",
+            )
 
     def _add_map(self, layer):
         """Insert a per-voxel map's Image layer, replacing the one of an earlier run."""

@@ -372,13 +372,18 @@ def test_many_classes_give_uint16_labels():
     assert labels.dtype == np.uint16 and labels.max() == 1
 
 
-def test_small_and_constant_volumes_work():
+def test_volumes_smaller_than_the_patch_work():
     model = small_model(spacing=(1.0, 1.0, 1.0))
     tiny = Volume(np.random.default_rng(0).random((1, 5, 7, 9)).astype(np.float32), np.eye(4))
     assert predict(model, tiny, ["ct"], CPU)["ct"].labels.shape == (5, 7, 9)
-    constant = Volume(np.full((1, 12, 30, 20), 7, dtype=np.int16), np.eye(4))
-    labels = predict(model, constant, ["ct"], CPU)["ct"].labels
-    assert labels.shape == (12, 30, 20)
+
+
+def test_empty_result_is_flagged():
+    volume = cube_volume((8, 10, 12), np.eye(4))
+    volume.data[:] = np.where(volume.data > 0, 0.4, 0.0)  # below the threshold model's cut: no cube found
+    result = predict(threshold_model(), volume, ["cube"], CPU)["cube"]
+    assert result.empty and not result.labels.any()
+    assert not predict(threshold_model(), cube_volume((8, 10, 12), np.eye(4)), ["cube"], CPU)["cube"].empty
 
 
 def test_keep_largest_components_per_class():
@@ -444,6 +449,8 @@ def _bad_volumes():
         "2D image": (Volume(good[:, :1], np.eye(4)), "ct", "2D"),
         "NaN voxel": (Volume(nan, np.eye(4)), "ct", "NaN"),
         "infinite voxel": (Volume(inf, np.eye(4)), "ct", "infinite"),
+        "blank image": (Volume(np.full((1, 12, 30, 20), 7, dtype=np.int16), np.eye(4)), "ct",
+                        "blank \\(every voxel is 7\\); there is nothing to segment"),
         "time series": (Volume(np.concatenate([good, good]), np.eye(4)), "ct", "time series"),
         "wrong modality count": (Volume(good, np.eye(4)), "mr2", "expects 2 modalities"),
         "unknown domain": (Volume(good, np.eye(4)), "liver", "unknown domain"),

@@ -434,3 +434,21 @@ def test_run_options_are_the_core_inference_config(make_napari_viewer, qtbot, mo
     run_and_wait(widget, qtbot)
     config = predict.calls[-1]["config"]
     assert (config.backend, config.batch_size, config.amp, config.overlap) == ("compiled", 3, False, 0.25)
+
+
+def test_an_empty_result_is_reported_not_just_added(make_napari_viewer, qtbot, model_dir, messages):
+    """A domain that finds nothing (wrong domain, wrong region) says so in a warning that names
+    what it looks for; before, the status line only said "Added …"."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.full((12, 16, 20), 5.0, np.float32), name="flat")  # nothing above its mean
+    widget = make_widget(viewer, qtbot, model_dir, ThresholdPredict())
+    widget.set_checked_domains(["ct"])
+    run_and_wait(widget, qtbot)
+    assert "flat ct" in viewer.layers and not viewer.layers["flat ct"].data.any()
+    warnings = [text for level, text in messages if level == "warning"]
+    assert len(warnings) == 1 and "ct found nothing in 'flat'" in warnings[0] and "class1" in warnings[0]
+    messages.clear()
+    viewer.add_image(blob_image(), name="scan")
+    widget.gui.image_combo.setCurrentText("scan")
+    run_and_wait(widget, qtbot)
+    assert not [m for m in messages if m[0] == "warning"], messages

@@ -85,12 +85,14 @@ def validate_input(model, volume: Volume, domains: list[str]) -> None:
         )
     if not np.issubdtype(volume.data.dtype, np.number) or np.issubdtype(volume.data.dtype, np.complexfloating):
         raise InputError(f"{where}unsupported voxel type {volume.data.dtype}; a real-valued image is needed")
-    if np.issubdtype(volume.data.dtype, np.floating):
-        for c in range(volume.channels):
-            if not np.isfinite(volume.data[c]).all():
-                raise InputError(
-                    f"{where}channel {c} contains NaN or infinite voxels; fix or mask them before segmenting"
-                )
+    for c in range(volume.channels):
+        which = f"volume {c + 1} of the image" if volume.channels > 1 else "the image"
+        channel = volume.data[c]
+        if np.issubdtype(channel.dtype, np.floating) and not np.isfinite(channel).all():
+            raise InputError(f"{where}{which} has voxels that are not numbers (NaN or infinite); fix or mask them first")
+        low, high = channel.min(), channel.max()
+        if low == high:
+            raise InputError(f"{where}{which} is blank (every voxel is {low}); there is nothing to segment")
     try:
         canonical_orientation(volume.affine)
     except ValueError as e:

@@ -22,6 +22,11 @@ class DomainResult:
     # none yet by default.
     maps: dict[str, np.ndarray] = field(default_factory=dict)
 
+    @property
+    def empty(self) -> bool:
+        """No foreground voxel at all: worth telling the user (wrong domain, wrong region?)."""
+        return not self.labels.any()
+
 
 @dataclass
 class Prediction:
