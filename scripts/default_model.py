@@ -38,6 +38,8 @@ from training.errors import U2NetError
 
 SYNTH_DOMAINS = ["spleen-ct", "kidney-ct", "prostate-mr", "hippocampus-mr"]
 EVAL_SEED_OFFSET = 1000
+# a shipped domain's held-out mean foreground Dice is at least this (below it: ``--withhold``)
+QUALITY_BAR = 0.85
 
 
 @dataclass
@@ -69,6 +71,15 @@ class Recipe:
     withhold: tuple[str, ...] = ()
     device: str = "auto"
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Recipe:
+        """The recipe written into a model's provenance (JSON: lists where the fields hold tuples)."""
+        d = dict(d)
+        for name in ("patch_size", "max_patch", "domains", "withhold"):
+            if d.get(name) is not None:
+                d[name] = tuple(d[name])
+        return cls(**d)
+
     @property
     def all_domains(self) -> tuple[str, ...]:
         """Every domain with data: the jointly trained ones, then the adapted ones."""
@@ -94,17 +105,29 @@ def size_scale_of(recipe: Recipe, domain: str) -> float:
     return float(recipe.domain_size_scale.get(domain, recipe.size_scale))
 
 
-def write_datasets(recipe: Recipe, work: Path) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Training and evaluation datasets per domain (reused when already complete)."""
+def write_domain_dataset(recipe: Recipe, domain: str, role: str, folder: Path, cases: int) -> Path:
+    """``cases`` cases of ``domain`` for ``role`` ("train" or "eval") into a new ``folder``.
+
+    Evaluation cases never repeat a training case: synthetic ones come from ``seed +
+    EVAL_SEED_OFFSET``, MNI152 ones from the template's separate evaluation stream.
+    """
     from training.data.mni152 import write_mni152_dataset
     from training.data.synth import write_dataset
 
+    if domain == BRAIN_DOMAIN:
+        write_mni152_dataset(folder, cases=cases, seed=recipe.seed, resolution_mm=recipe.mni_resolution_mm,
+                             evaluation=role == "eval")
+    else:
+        seed = recipe.seed + EVAL_SEED_OFFSET if role == "eval" else recipe.seed
+        write_dataset(folder, domain, cases=cases, seed=seed, size_scale=size_scale_of(recipe, domain))
+    return folder
+
+
+def write_datasets(recipe: Recipe, work: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Training and evaluation datasets per domain (reused when already complete)."""
     train, evaluation = {}, {}
     for domain in recipe.all_domains:
-        for role, seed, n, out in (
-            ("train", recipe.seed, recipe.cases, train),
-            ("eval", recipe.seed, recipe.eval_cases, evaluation),
-        ):
+        for role, n, out in (("train", recipe.cases, train), ("eval", recipe.eval_cases, evaluation)):
             folder = work / "data" / role / domain
             out[domain] = folder
             scale = None if domain == BRAIN_DOMAIN else size_scale_of(recipe, domain)
@@ -113,12 +136,7 @@ def write_datasets(recipe: Recipe, work: Path) -> tuple[dict[str, Path], dict[st
             if folder.exists():
                 shutil.rmtree(folder)  # our own work folder: interrupted, or other settings
             _log(f"writing {role} data for {domain} ({n} cases{'' if scale is None else f', size scale {scale}'})")
-            if domain == BRAIN_DOMAIN:
-                write_mni152_dataset(folder, cases=n, seed=seed, resolution_mm=recipe.mni_resolution_mm,
-                                     evaluation=role == "eval")
-            else:
-                s = seed + EVAL_SEED_OFFSET if role == "eval" else seed
-                write_dataset(folder, domain, cases=n, seed=s, size_scale=scale)
+            write_domain_dataset(recipe, domain, role, folder, n)
     return train, evaluation
 
 
@@ -147,6 +165,7 @@ def _config(recipe: Recipe, iterations: int, domain_weights: dict[str, int] | No
 
 
 def train(recipe: Recipe, datasets: dict[str, Path], model_dir: Path, resume: bool) -> None:
+    from training.commands._progress import track_training
     from training.model.network import ArchConfig
     from training.train.runs import train_model
     from training.train.trainer import consume
@@ -155,7 +174,7 @@ def train(recipe: Recipe, datasets: dict[str, Path], model_dir: Path, resume: bo
     domains = [_domain_data(recipe, datasets, d) for d in recipe.domains]
     arch = ArchConfig(base_channels=recipe.base_channels, levels=recipe.levels)
     reports = train_model(domains, model_dir, config, None if resume else arch, resume=resume)
-    consume(reports, progress=True)
+    consume(track_training(reports))
 
 
 def _adapted_on(dst: Path, src: Path) -> dict[str, int] | None:
@@ -177,6 +196,7 @@ def adapt_domains(recipe: Recipe, datasets: dict[str, Path], work: Path, reuse: 
     iterations (``--evaluate-only``); otherwise it is rebuilt from scratch (a partial copy first,
     renamed when complete).
     """
+    from training.commands._progress import track_training
     from training.train.adaptation import adapt
     from training.train.runs import WORK_SUBDIR
     from training.train.trainer import consume
@@ -196,7 +216,7 @@ def adapt_domains(recipe: Recipe, datasets: dict[str, Path], work: Path, reuse: 
         if state.exists():
             shutil.rmtree(state)
         reports = adapt(tmp, _domain_data(recipe, datasets, name), _config(recipe, iterations), work_dir=state)
-        consume(reports, progress=True)
+        consume(track_training(reports, desc=f"adapt {name}"))
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)

@@ -8,7 +8,7 @@ from training.train.sampling import ArrayCase, PatchSampler
 
 
 def _batch():
-    imgs, labs = zip(*(ball_case(i, (20, 24, 28), contrast=1.0) for i in range(3)))
+    _, labs = zip(*(ball_case(i, (20, 24, 28), contrast=1.0) for i in range(3)))
     lab = torch.from_numpy(np.stack(labs).astype(np.int64))
     # image = label exactly, so spatial consistency can be read off the output
     return lab.unsqueeze(1).float(), lab

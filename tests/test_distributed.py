@@ -25,7 +25,7 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
            "-m", "training.commands.cli", "train", str(hip), str(pro), "-o", str(out), "--iterations", "4",
            "--checkpoint-every", "2", *TINY_TRAIN_ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     hashes = dict(re.findall(r"rank (\d) weights ([0-9a-f]{64})", proc.stdout))
     assert set(hashes) == {"0", "1"}

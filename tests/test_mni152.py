@@ -85,7 +85,7 @@ def test_cases_vary_reproducibly_with_aligned_labels(template):
 
 
 def test_training_and_test_streams_are_disjoint():
-    draws = lambda role: {tuple(case_rng(7, role, i).random(4)) for i in range(50)}  # noqa: E731
+    draws = lambda role: {tuple(case_rng(7, role, i).random(4)) for i in range(50)}
     assert not draws(0) & draws(1)
 
 

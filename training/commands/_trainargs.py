@@ -5,23 +5,30 @@ from __future__ import annotations
 import argparse
 import sys
 
+from training.train.config import CLI_LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig
 
-def add_training_arguments(p: argparse.ArgumentParser, iterations: int, lr: float) -> None:
+
+def add_training_arguments(p: argparse.ArgumentParser, iterations: int, lr: float = TrainConfig.lr) -> None:
+    d = TrainConfig
     p.add_argument("--iterations", type=int, default=iterations, help=f"training iterations (default {iterations})")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
                    help="patch size in voxels (default: from the dataset's plan)")
-    p.add_argument("--batch-size", type=int, default=2, help="patches per iteration (default 2)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"patches per iteration (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=lr, help=f"initial learning rate (default {lr:g})")
-    p.add_argument("--weight-decay", type=float, default=3e-5, help="weight decay (default 3e-5)")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="default adamw")
-    p.add_argument("--schedule", choices=["poly", "cosine", "constant"], default="poly", help="default poly")
-    p.add_argument("--loss", choices=["dice_ce", "lovasz_focal"], default="dice_ce",
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"weight decay (default {d.weight_decay:g})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help=f"default {d.optimizer}")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help=f"default {d.schedule}")
+    p.add_argument("--loss", choices=CLI_LOSSES, default=d.loss,
                    help="dice_ce (default) or lovasz_focal (the paper's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (torchrun: one GPU per process)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument("--device", default=d.device,
+                   help="auto, cpu, cuda, cuda:N, mps (torchrun: one GPU per process)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run exactly")
     p.add_argument("--val-every", type=int, default=0, help="validate every N iterations (default: at the end)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="write a checkpoint every N iterations")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="write a checkpoint every N iterations")
     p.add_argument("--fold", type=int, default=0, help="cross-validation fold for the train/val split (default 0)")
     p.add_argument("--cache", help="preprocessing cache directory (default: DATASET/.u2net_cache)")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
@@ -32,7 +39,6 @@ def add_training_arguments(p: argparse.ArgumentParser, iterations: int, lr: floa
 
 def config_from_args(args: argparse.Namespace):
     from training.train.augment import AugmentConfig
-    from training.train.trainer import TrainConfig
 
     return TrainConfig(
         iterations=args.iterations,

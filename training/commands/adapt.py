@@ -26,12 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", help="where the resumable state and log go "
                    "(default: MODEL_DIR.adapt-NAME beside the model directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter of that name")
-    add_training_arguments(p, iterations=500, lr=1e-2)
+    add_training_arguments(p, iterations=500)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from training.commands._progress import track_training
     from training.train.adaptation import AUTO, adapt
     from training.train.distributed import setup, teardown
     from training.train.runs import domain_from_dataset
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         init = None if args.random_init else (args.init_from or AUTO)
         reports = adapt(model_dir, data, config, init_from=init, work_dir=work, resume=args.resume,
                         overwrite=args.overwrite, dist=dist)
-        last = consume(reports, progress=not args.quiet, is_main=dist.is_main)
+        last = consume(track_training(reports, enabled=not args.quiet and dist.is_main, desc=NAME))
         if dist.is_main:
             write_line(f"adapter {data.name!r} written to {model_dir}")
         print_rank_hash(last, dist)

@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from training.commands._progress import Bars
     from training.io.folders import BUNDLED_MODEL, cache_dir
     from training.model.registry import download_model, load_registry
 
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet and name in registry.entries:
             print(f"{name}: downloading (files already cached and verified are kept)" if not args.force
                   else f"{name}: downloading every file again")
-        path = download_model(name, force=args.force, progress=not args.quiet, registry=registry)
+        with Bars("B", enabled=not args.quiet, unit_scale=True) as bars:
+            path = download_model(name, force=args.force, progress=bars.callback(name), registry=registry)
         print(f"{name}: ready in {path}")
     print(f"cache: {cache_dir()}  (set U2NET_HOME to use another folder)")
     return 0

@@ -37,37 +37,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from tqdm import tqdm
-
+    from training.commands._progress import Bars
     from training.infer.pipeline import predict_files
 
     config = InferenceConfig(
         device=args.device, overlap=args.overlap, batch_size=args.batch_size,
         postprocess=not args.no_postprocess, backend=args.backend, amp=not args.no_amp,
     )
-    bars: dict[str, tqdm] = {}
-
-    def progress(p) -> None:
-        if args.quiet:
-            return
-        bar = bars.get(p.domain)
-        if bar is None:
-            bar = bars[p.domain] = tqdm(total=p.total or None, desc=p.domain, unit="tile", file=sys.stderr,
-                                        leave=True, dynamic_ncols=True)
-        if p.total and bar.total != p.total:
-            bar.total = p.total
-        bar.set_postfix_str(p.stage, refresh=False)
-        bar.n = p.done
-        bar.refresh()
-
-    try:
+    with Bars("tile", enabled=not args.quiet) as bars:  # one bar per domain
         paths = predict_files(args.images, args.domain, args.output, model=args.model, config=config,
-                              progress=progress, overwrite=args.overwrite)
-    finally:
-        for bar in bars.values():
-            bar.close()
+                              progress=lambda p: bars.update(p.domain, p.done, p.total, p.stage),
+                              overwrite=args.overwrite)
     for domain, path in paths.items():
         print(f"{domain}: {path}")
     return 0

@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from training.commands._progress import Bars
     from training.data.synth import SYNTH_DOMAINS, domain_info, write_dataset
     from training.errors import InputError
 
@@ -41,32 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give an output folder and --domain NAME (u2net synth --list shows the names)")
     domain_info(args.domain)
     total = args.cases + max(args.test_cases, 0)
-    from tqdm import tqdm
-
-    bars = []  # created on the first finished case, so a refused folder shows no bar
-
-    def progress(done: int, _total: int) -> None:
-        if not bars:
-            bars.append(
-                tqdm(
-                    total=total, desc=f"synth {args.domain}", unit="case", file=sys.stderr, disable=total < 2
-                )
-            )
-        bars[0].update(done - bars[0].n)
-
-    try:
-        out = write_dataset(
-            args.out,
-            args.domain,
-            args.cases,
-            args.seed,
-            args.test_cases,
-            args.size_scale,
-            progress,
-            args.force,
-        )
-    finally:
-        for bar in bars:
-            bar.close()
+    with Bars("case", enabled=total >= 2) as bars:  # a bar appears with the first case written
+        out = write_dataset(args.out, args.domain, args.cases, args.seed, args.test_cases, args.size_scale,
+                            bars.callback(f"synth {args.domain}"), args.force)
     print(out / "dataset.json", file=sys.stderr)
     return 0

@@ -11,6 +11,7 @@ from training.commands._trainargs import (
     summary_line,
     write_line,
 )
+from training.train.config import TrainConfig
 
 NAME = "train"
 HELP = "train a new model on MSD-layout datasets (one domain per dataset); torchrun-ready"
@@ -19,7 +20,7 @@ HELP = "train a new model on MSD-layout datasets (one domain per dataset); torch
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("datasets", nargs="+", metavar="DATASET", help="MSD dataset folders (with dataset.json)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model directory to write")
-    add_training_arguments(p, iterations=1000, lr=1e-2)
+    add_training_arguments(p, iterations=TrainConfig.iterations)
     p.add_argument("--base-channels", type=int, default=16, help="channels of the first level (default 16)")
     p.add_argument("--levels", type=int, default=6, help="resolution levels (default 6)")
     p.add_argument("--domain-weight", action="append", default=[], metavar="DOMAIN=N",
@@ -30,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from training.commands._progress import track_training
     from training.errors import U2NetError
     from training.model.network import ArchConfig
     from training.train.distributed import setup, teardown
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         domain_cycle([d.name for d in domains], config.domain_weights)  # names checked before any training
         reports = train_model(domains, Path(args.output), config, None if args.resume else arch,
                               resume=args.resume, dist=dist)
-        last = consume(reports, progress=not args.quiet, is_main=dist.is_main)
+        last = consume(track_training(reports, enabled=not args.quiet and dist.is_main, desc=NAME))
         if dist.is_main:
             write_line(f"model written to {args.output}")
         print_rank_hash(last, dist)

@@ -101,7 +101,7 @@ def _resample(array: np.ndarray, affine: np.ndarray, resolution_mm: float) -> tu
     if resolution_mm > old.min():
         sigma = [max(0.0, 0.5 * (resolution_mm - s)) for s in old]  # mm; ~ half the size change
         img = sitk.SmoothingRecursiveGaussian(img, sigma)
-    size = [max(1, int(round(n * s / resolution_mm))) for n, s in zip(img.GetSize(), old)]
+    size = [max(1, round(n * s / resolution_mm)) for n, s in zip(img.GetSize(), old)]
     out = sitk.Resample(
         img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), [resolution_mm] * 3,
         img.GetDirection(), 0.0, sitk.sitkFloat32,

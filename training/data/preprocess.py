@@ -50,7 +50,7 @@ from training.io.volume import IGNORE_INDEX, Volume, read_image, spacing_of
 
 PREPROCESS_VERSION = 1
 CACHE_SUBDIR = ".u2net_cache"
-MAX_PATCH = (64, 128, 128)
+MAX_PATCH = (64, 128, 128)  # the largest patch a plan suggests (z, y, x): fits a GPU's memory
 FG_SAMPLES_PER_CASE = 10000
 
 

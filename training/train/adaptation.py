@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.data.preprocess import MAX_PATCH
 from training.errors import InputError, U2NetError
 from training.infer.postprocess import component_counts
 from training.io.volume import IGNORE_INDEX, Volume
@@ -30,7 +31,6 @@ from training.train.sampling import ArrayCase
 from training.train.trainer import DomainData, TrainConfig, TrainReport, run_training
 
 AUTO = "auto"
-DEFAULT_PATCH_CAP = (64, 128, 128)
 
 
 def closest_domain(model: Model, meta: AdapterMeta) -> str | None:
@@ -128,8 +128,8 @@ def normalization_for(images: list[np.ndarray], labels: list[np.ndarray], modali
     return specs
 
 
-def default_patch(shape, cap=DEFAULT_PATCH_CAP) -> tuple[int, int, int]:
-    """Largest patch ≤ ``cap`` that fits the image, a multiple of 4 per axis (≥ 8)."""
+def default_patch(shape, cap=MAX_PATCH) -> tuple[int, int, int]:
+    """Largest patch ≤ ``cap`` (a dataset plan's largest) that fits the image, a multiple of 4 per axis (≥ 8)."""
     return tuple(max(8, min(int(s), c) // 4 * 4) for s, c in zip(shape, cap))
 
 

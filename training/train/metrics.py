@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from training.io.volume import IGNORE_INDEX
@@ -22,5 +24,6 @@ def dice_per_class(pred, truth, num_classes: int, ignore_index: int = IGNORE_IND
 
 
 def mean_ignoring_nan(values) -> float:
-    vals = [v for v in values if v == v]
+    """Mean of the defined values: a class absent from both maps has no Dice and must not count as 0."""
+    vals = [v for v in values if not math.isnan(v)]
     return float(np.mean(vals)) if vals else float("nan")

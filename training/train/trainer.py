@@ -1,8 +1,9 @@
-"""The training loop: round-robin multi-domain training, and adapter-only adaptation.
+"""The training loop: round-robin multi-domain training of given parameters (a whole model, or one adapter).
 
 One iteration = one single-domain batch (domains take turns), as in the paper. The loop is a
-generator of :class:`TrainReport` so that the CLI can draw a progress bar and the GUI a curve,
-and either can stop it between iterations (``stop``: a callable or a ``threading.Event``).
+generator of :class:`TrainReport` and draws nothing: the CLI turns the reports into a progress
+bar (:mod:`training.commands._progress`) and the GUI into a curve, and either can stop it between
+iterations (``stop``: a callable or a ``threading.Event``).
 
 Reproducibility: the sampling and augmentation draws of iteration *i* on rank *r* come from a
 generator seeded by (seed, r, i); with the optimizer state and weights in the checkpoint, a
@@ -19,73 +20,25 @@ import csv
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from training.errors import Cancelled, U2NetError, is_cancelled
-from training.io.volume import IGNORE_INDEX
+from training.infer.config import InferenceConfig
 from training.model.modelfile import AdapterMeta
 from training.model.network import U2Net
-from training.train.augment import AugmentConfig, augment_batch
+from training.train.augment import augment_batch
 from training.train.checkpoint import STATE_FILE, load_state, rng_state, save_state, set_rng_state
+from training.train.config import TrainConfig
 from training.train.distributed import DistInfo, barrier, broadcast_flag
 from training.train.losses import make_loss
 from training.train.metrics import dice_per_class, mean_ignoring_nan
 from training.train.sampling import PatchSampler
 
 LOG_FILE = "log.csv"
-
-
-@dataclass
-class TrainConfig:
-    """Everything that shapes a training run (the CLI maps its options onto this)."""
-
-    iterations: int = 1000
-    patch_size: tuple[int, int, int] | None = None  # None: each domain's own (from its plan)
-    batch_size: int = 2
-    lr: float = 1e-2  # AdamW and SGD alike (what the tests and CLI use)
-    weight_decay: float = 3e-5
-    optimizer: str = "adamw"  # adamw | sgd
-    momentum: float = 0.99  # sgd (Nesterov)
-    schedule: str = "poly"  # poly | cosine | constant
-    loss: str = "dice_ce"  # see training.train.losses.LOSSES
-    ignore_index: int = IGNORE_INDEX
-    fg_fraction: float = 0.33
-    grad_clip: float = 12.0
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True  # only used on CUDA
-    deterministic: bool = False
-    val_every: int = 0  # 0: validate at the end only
-    checkpoint_every: int = 100  # 0: only at the end (and when stopped)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # iterations per round-robin cycle for some domains (default 1 each): more for a hard one
-    domain_weights: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise U2NetError(f"iterations must be ≥ 1, got {self.iterations}")
-        if self.batch_size < 1:
-            raise U2NetError(f"batch size must be ≥ 1, got {self.batch_size}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise U2NetError(f"unknown optimizer {self.optimizer!r}; use adamw or sgd")
-        if self.schedule not in ("poly", "cosine", "constant"):
-            raise U2NetError(f"unknown schedule {self.schedule!r}; use poly, cosine or constant")
-        if self.patch_size is not None:
-            self.patch_size = tuple(int(p) for p in self.patch_size)
-            if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-                raise U2NetError(f"patch size must be three positive sizes Z Y X, got {self.patch_size}")
-        for name, w in self.domain_weights.items():
-            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
-                raise U2NetError(f"domain weight of {name!r} must be a whole number ≥ 1, got {w!r}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["patch_size"] = list(self.patch_size) if self.patch_size else None
-        return d
 
 
 @dataclass
@@ -178,8 +131,9 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def validate(net: U2Net, data: DomainData, device: torch.device, overlap: float = 0.5) -> dict:
-    """Per-class Dice over the validation cases (sliding window, as at inference)."""
+def validate(net: U2Net, data: DomainData, device: torch.device, overlap: float = InferenceConfig.overlap) -> dict:
+    """Per-class Dice over the validation cases (sliding window with inference's overlap, so the
+    figure is what ``predict`` would score)."""
     from training.infer.sliding_window import sliding_window
 
     names = data.meta.class_names[1:]
@@ -197,6 +151,166 @@ def validate(net: U2Net, data: DomainData, device: torch.device, overlap: float 
 
 def trained_state(net: U2Net, prefixes: list[str]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k.startswith(tuple(prefixes))}
+
+
+class TrainLog:
+    """``log.csv``: one row per finished iteration (rank 0 only; None ``path``: no log)."""
+
+    HEADER = ("iteration", "domain", "loss", "lr", "seconds", "val_mean")
+
+    def __init__(self, path: Path | None, append: bool):
+        self.path = path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not append or not path.exists():  # a resumed run continues its own log
+            path.write_text(",".join(self.HEADER) + "\n")
+
+    def write(self, r: TrainReport) -> None:
+        if self.path is None:
+            return
+        val_text = "" if r.val_mean is None else f"{r.val_mean:.4f}"
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([r.iteration, r.domain, f"{r.loss:.6f}", f"{r.lr:.3e}", f"{r.seconds:.3f}",
+                                    val_text])
+
+
+class _EtaClock:
+    """Remaining time from the mean of the last ``window`` iterations (the first ones are slow)."""
+
+    def __init__(self, total: int, window: int = 20):
+        self.total, self.window, self.recent = total, window, []
+
+    def eta(self, seconds: float, done: int) -> float:
+        self.recent = (self.recent + [seconds])[-self.window:]
+        return float(np.mean(self.recent)) * (self.total - done)
+
+
+class _Trainer:
+    """One run's moving parts (optimizer, scaler, samplers…) and the steps of an iteration."""
+
+    def __init__(self, net: U2Net, domains: list[DomainData], config: TrainConfig, params, prefixes,
+                 write_model, work_dir: Path | None, dist: DistInfo):
+        self.net, self.domains, self.config, self.params, self.prefixes = net, domains, config, params, prefixes
+        self.write_model, self.dist, self.device = write_model, dist, dist.device
+        _set_cudnn(config.deterministic)
+        net.to(self.device)
+        self.loss_fn = make_loss(config.loss, config.ignore_index)
+        self.by_name = {d.name: d for d in domains}
+        self.cycle = domain_cycle([d.name for d in domains], config.domain_weights)
+        self.samplers = {}
+        for d in domains:
+            if not d.train:
+                raise U2NetError(f"domain {d.name!r} has no training cases")
+            patch = config.patch_size or d.patch_size
+            self.samplers[d.name] = PatchSampler(d.train, patch, config.fg_fraction, config.ignore_index)
+        self.optimizer = make_optimizer(params, config)
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.state_path = Path(work_dir) / STATE_FILE if work_dir is not None else None
+        self.model = net  # the DDP wrapper under torchrun, after _resume (see _wrap)
+
+    def resume(self) -> int:
+        """Weights, optimizer, scaler and RNG states from ``state.pt``; the iterations already done."""
+        config, state_path = self.config, self.state_path
+        if state_path is None:
+            raise U2NetError("resume needs a work directory holding the training state")
+        st = load_state(state_path)
+        missing = set(trained_state(self.net, self.prefixes)) - set(st["weights"])
+        if missing:
+            raise U2NetError(f"{state_path}: training state does not match this model "
+                             f"({sorted(missing)[:2]} missing); start without --resume")
+        self.net.load_state_dict({k: v.to(self.device) for k, v in st["weights"].items()}, strict=False)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scaler.load_state_dict(st["scaler"])
+        set_rng_state(st["rng"])
+        start = int(st["iteration"])
+        if start >= config.iterations:
+            raise U2NetError(
+                f"{state_path}: this run already finished {start} iterations; "
+                "ask for more with --iterations to continue it"
+            )
+        return start
+
+    def wrap(self) -> None:
+        """Under torchrun: DistributedDataParallel (unused adapters are normal, see the module doc)."""
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.net, device_ids=ids, find_unused_parameters=True)
+
+    def train_step(self, it: int) -> tuple[str, float, float]:
+        """Iteration ``it`` (0-based): one batch of its domain, one optimizer step; (domain, loss, lr)."""
+        config, device, optimizer, scaler = self.config, self.device, self.optimizer, self.scaler
+        d = self.by_name[self.cycle[it % len(self.cycle)]]
+        g = iteration_generator(config.seed, self.dist.rank, it)
+        image, label = self.samplers[d.name].sample(config.batch_size, g)
+        image, label = augment_batch(image.to(device), label.to(device), config.augment, g)
+        lr = lr_at(config, it)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            logits = self.model(image, d.name)
+        loss = self.loss_fn(logits.float(), label)
+        if not torch.isfinite(loss):
+            raise U2NetError(
+                f"loss became {loss.item()} at iteration {it + 1} (domain {d.name!r}); "
+                "lower the learning rate (--lr) or check the labels"
+            )
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grads = [p for p in self.params if p.grad is not None]
+        if config.grad_clip and grads:
+            torch.nn.utils.clip_grad_norm_(grads, config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return d.name, float(loss.item()), lr
+
+    def validate(self, done: int) -> dict | None:
+        """{domain: {class: Dice}} when ``done`` is a validation point (rank 0, domains with val cases)."""
+        config = self.config
+        if not (_due(done, config.val_every) or done == config.iterations):
+            return None
+        if not self.dist.is_main or not any(x.val for x in self.domains):
+            return None
+        self.net.eval()
+        return {x.name: validate(self.net, x, self.device) for x in self.domains if x.val}
+
+    def checkpoint_due(self, done: int) -> bool:
+        return _due(done, self.config.checkpoint_every) or done == self.config.iterations
+
+    def checkpoint(self, iteration: int, metrics: dict) -> None:
+        """Model files and (with a work directory) ``state.pt`` on rank 0; then every rank waits."""
+        if self.dist.is_main:
+            self.write_model(self.net, iteration, metrics)
+            if self.state_path is not None:
+                save_state(self.state_path, {
+                    "iteration": iteration,
+                    "weights": trained_state(self.net, self.prefixes),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": rng_state(),
+                    "config": _plain(self.config.to_dict()),
+                })
+        barrier(self.dist)
+
+
+def _set_cudnn(deterministic: bool) -> None:
+    """Deterministic kernels on request (resume-exact on GPU); otherwise cuDNN picks the fastest."""
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def _due(done: int, every: int) -> bool:
+    """Whether a periodic event (``every`` iterations, 0 = never) falls on iteration ``done``."""
+    return bool(every) and done % every == 0
 
 
 def run_training(
@@ -223,131 +337,32 @@ def run_training(
         from training.io.devices import resolve_device
 
         dist = DistInfo(device=resolve_device(config.device))
-    device = dist.device
-    if config.deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-    net.to(device)
-    loss_fn = make_loss(config.loss, config.ignore_index)
-    by_name = {d.name: d for d in domains}
-    cycle = domain_cycle([d.name for d in domains], config.domain_weights)
-    samplers = {}
-    for d in domains:
-        if not d.train:
-            raise U2NetError(f"domain {d.name!r} has no training cases")
-        patch = config.patch_size or d.patch_size
-        samplers[d.name] = PatchSampler(d.train, patch, config.fg_fraction, config.ignore_index)
-    optimizer = make_optimizer(params, config)
-    use_amp = config.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    start = 0
-    state_path = Path(work_dir) / STATE_FILE if work_dir is not None else None
-    if resume:
-        if state_path is None:
-            raise U2NetError("resume needs a work directory holding the training state")
-        st = load_state(state_path)
-        missing = set(trained_state(net, prefixes)) - set(st["weights"])
-        if missing:
-            raise U2NetError(f"{state_path}: training state does not match this model "
-                             f"({sorted(missing)[:2]} missing); start without --resume")
-        net.load_state_dict({k: v.to(device) for k, v in st["weights"].items()}, strict=False)
-        optimizer.load_state_dict(st["optimizer"])
-        scaler.load_state_dict(st["scaler"])
-        set_rng_state(st["rng"])
-        start = int(st["iteration"])
-        if start >= config.iterations:
-            raise U2NetError(
-                f"{state_path}: this run already finished {start} iterations; "
-                "ask for more with --iterations to continue it"
-            )
-
-    model = net
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(net, device_ids=ids, find_unused_parameters=True)
-
-    log_path = Path(work_dir) / LOG_FILE if work_dir is not None and dist.is_main else None
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        if not resume or not log_path.exists():
-            log_path.write_text("iteration,domain,loss,lr,seconds,val_mean\n")
-
-    def checkpoint(iteration: int, metrics: dict) -> None:
-        if not dist.is_main:
-            return
-        write_model(net, iteration, metrics)
-        if state_path is not None:
-            save_state(state_path, {
-                "iteration": iteration,
-                "weights": trained_state(net, prefixes),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng_state(),
-                "config": _plain(config.to_dict()),
-            })
-
-    metrics: dict = {}
-    recent: list[float] = []
+    trainer = _Trainer(net, domains, config, params, prefixes, write_model, work_dir, dist)
+    start = trainer.resume() if resume else 0
+    trainer.wrap()
+    log = TrainLog(Path(work_dir) / LOG_FILE if work_dir is not None and dist.is_main else None, append=resume)
+    clock = _EtaClock(config.iterations)
+    metrics: dict = {}  # the last validation's, written with every checkpoint
     for it in range(start, config.iterations):
         if broadcast_flag(dist, is_cancelled(stop) if dist.is_main else False):
-            checkpoint(it, metrics)
-            barrier(dist)
+            trainer.checkpoint(it, metrics)
             return
         t0 = time.perf_counter()
-        d = by_name[cycle[it % len(cycle)]]
-        g = iteration_generator(config.seed, dist.rank, it)
-        image, label = samplers[d.name].sample(config.batch_size, g)
-        image, label = augment_batch(image.to(device), label.to(device), config.augment, g)
-        lr = lr_at(config, it)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            logits = model(image, d.name)
-        loss = loss_fn(logits.float(), label)
-        if not torch.isfinite(loss):
-            raise U2NetError(
-                f"loss became {loss.item()} at iteration {it + 1} (domain {d.name!r}); "
-                "lower the learning rate (--lr) or check the labels"
-            )
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grads = [p for p in params if p.grad is not None]
-        if config.grad_clip and grads:
-            torch.nn.utils.clip_grad_norm_(grads, config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        domain, loss, lr = trainer.train_step(it)
         done = it + 1
-
-        val = None
-        if (config.val_every and done % config.val_every == 0) or done == config.iterations:
-            if dist.is_main and any(x.val for x in domains):
-                net.eval()
-                val = {x.name: validate(net, x, device) for x in domains if x.val}
-                metrics = {"val_dice": val, "val_mean": _mean_val(val), "iteration": done}
-        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.iterations:
-            checkpoint(done, metrics)
-            barrier(dist)
+        val = trainer.validate(done)
+        if val is not None:
+            metrics = {"val_dice": val, "val_mean": _mean_val(val), "iteration": done}
+        if trainer.checkpoint_due(done):
+            trainer.checkpoint(done, metrics)
         seconds = time.perf_counter() - t0
-        recent = (recent + [seconds])[-20:]
-        eta = float(np.mean(recent)) * (config.iterations - done)
-        report = TrainReport(done, d.name, float(loss.item()), lr, seconds, eta, val,
+        report = TrainReport(done, domain, loss, lr, seconds, clock.eta(seconds, done), val,
                              _mean_val(val) if val else None, config.iterations)
         if dist.enabled and done == config.iterations:
             from training.model.modelfile import weights_hash
 
             report.weights_hash = weights_hash(net.state_dict())
-        if log_path is not None:
-            with log_path.open("a", newline="") as f:
-                val_text = "" if report.val_mean is None else f"{report.val_mean:.4f}"
-                csv.writer(f).writerow([done, d.name, f"{report.loss:.6f}", f"{lr:.3e}", f"{seconds:.3f}", val_text])
+        log.write(report)
         yield report
 
 
@@ -364,31 +379,16 @@ def _plain(d):
     return d if isinstance(d, (int, float, str, bool, type(None))) else str(d)
 
 
-def consume(reports: Iterator[TrainReport], progress: bool = False, is_main: bool = True
-            ) -> TrainReport | None:
-    """Run a report generator to its end (optionally with a tqdm-free text progress bar)."""
+def consume(reports: Iterator[TrainReport]) -> TrainReport | None:
+    """Run a report generator to its end; its last report (None if it yielded none).
+
+    Drawing progress is the caller's (the CLI wraps ``reports`` in
+    :func:`training.commands._progress.track_training`); the core only reports.
+    """
     last = None
     for last in reports:
-        if progress and is_main:
-            _draw(last)
-    if progress and is_main and last is not None:
-        print(flush=True)
+        pass
     return last
 
 
-def _draw(r: TrainReport) -> None:
-    import sys
-
-    n = r.iterations or r.iteration
-    width = 30
-    filled = int(width * r.iteration / n)
-    val = f" val Dice {r.val_mean:.3f}" if r.val_mean is not None else ""
-    eta = time.strftime("%H:%M:%S", time.gmtime(r.eta_s))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {r.iteration}/{n} {r.domain} "
-                     f"loss {r.loss:.4f} lr {r.lr:.2e} eta {eta}{val}   ")
-    if r.val_mean is not None:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
-__all__ = ["TrainConfig", "TrainReport", "DomainData", "run_training", "validate", "Cancelled"]
+__all__ = ["Cancelled", "DomainData", "TrainConfig", "TrainReport", "run_training", "validate"]

@@ -1,0 +1,76 @@
+"""What shapes a training run: :class:`TrainConfig`, the one home of its defaults.
+
+Torch-free (augmentation's settings are imported only when a config is made), so the command
+lines read their option defaults from here without slowing ``u2net --help``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from training.errors import U2NetError
+from training.io.volume import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from training.train.augment import AugmentConfig
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("poly", "cosine", "constant")
+# the losses the command lines offer (training.train.losses.LOSSES has more, for experiments)
+CLI_LOSSES = ("dice_ce", "lovasz_focal")
+
+
+def _default_augment() -> AugmentConfig:
+    from training.train.augment import AugmentConfig
+
+    return AugmentConfig()
+
+
+@dataclass
+class TrainConfig:
+    """Everything that shapes a training run (the CLI maps its options onto this)."""
+
+    iterations: int = 1000
+    patch_size: tuple[int, int, int] | None = None  # None: each domain's own (from its plan)
+    batch_size: int = 2
+    lr: float = 1e-2  # AdamW and SGD alike (what the tests and CLI use)
+    weight_decay: float = 3e-5
+    optimizer: str = "adamw"  # one of OPTIMIZERS
+    momentum: float = 0.99  # sgd (Nesterov)
+    schedule: str = "poly"  # one of SCHEDULES
+    loss: str = "dice_ce"  # see training.train.losses.LOSSES
+    ignore_index: int = IGNORE_INDEX
+    fg_fraction: float = 0.33
+    grad_clip: float = 12.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # only used on CUDA
+    deterministic: bool = False
+    val_every: int = 0  # 0: validate at the end only
+    checkpoint_every: int = 100  # 0: only at the end (and when stopped)
+    augment: AugmentConfig = field(default_factory=_default_augment)
+    # iterations per round-robin cycle for some domains (default 1 each): more for a hard one
+    domain_weights: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise U2NetError(f"iterations must be ≥ 1, got {self.iterations}")
+        if self.batch_size < 1:
+            raise U2NetError(f"batch size must be ≥ 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise U2NetError(f"unknown optimizer {self.optimizer!r}; use {' or '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise U2NetError(f"unknown schedule {self.schedule!r}; use {', '.join(SCHEDULES)}")
+        if self.patch_size is not None:
+            self.patch_size = tuple(int(p) for p in self.patch_size)
+            if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+                raise U2NetError(f"patch size must be three positive sizes Z Y X, got {self.patch_size}")
+        for name, w in self.domain_weights.items():
+            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+                raise U2NetError(f"domain weight of {name!r} must be a whole number ≥ 1, got {w!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size) if self.patch_size else None
+        return d
