@@ -465,7 +465,7 @@ def test_bad_input_is_refused_with_a_clear_message(case):
 
 
 def test_bad_settings_are_refused():
-    volume = Volume(np.zeros((1, 8, 8, 8), np.float32), np.eye(4))
+    volume = Volume(np.random.default_rng(0).random((1, 8, 8, 8)).astype(np.float32), np.eye(4))
     for config, words in [
         (InferenceConfig(device="cpu", overlap=1.0), "overlap"),
         (InferenceConfig(device="cpu", backend="tensorrt"), "backend"),
@@ -564,6 +564,6 @@ def test_openvino_agrees_with_torch():
 
 def test_missing_openvino_names_the_extra(monkeypatch):
     monkeypatch.setattr(backends, "openvino_available", lambda: False)
-    volume = Volume(np.zeros((1, 8, 8, 8), np.float32), np.eye(4))
+    volume = Volume(np.random.default_rng(0).random((1, 8, 8, 8)).astype(np.float32), np.eye(4))
     with pytest.raises(InputError, match=r"napari-u2net\[openvino\]"):
         predict(small_model(), volume, ["ct"], InferenceConfig(device="cpu", backend="openvino"))

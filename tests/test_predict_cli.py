@@ -152,3 +152,42 @@ def test_the_cli_removes_its_temporary_files_on_a_signal(tmp_path, model_dir):
           "-o", str(tmp_path / "o.nii.gz"), "--device", "cpu", "--quiet"])
     for sig in (signal.SIGTERM, signal.SIGHUP):
         assert getattr(signal.getsignal(sig), "removes_temporaries", False)
+
+
+def test_a_dicom_folder_of_two_series_is_refused_then_segmented_by_series(tmp_path, model_dir, capsys):
+    from tests.test_volume import write_dicom_series
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i in range(2):
+        arr = (np.random.default_rng(i).random((6, 12, 14)) * 1000).astype(np.int16)
+        write_dicom_series(tmp_path / f"s{i}", arr, np.diag([2.0, 0.8, 0.8, 1.0]), f"1.2.826.0.1.3680043.2.1125.4{i}")
+        for f in (tmp_path / f"s{i}").iterdir():
+            f.rename(mixed / f"{i}{f.name}")
+    out = tmp_path / "labels.nii.gz"
+    args = ["predict", str(mixed), "--domain", "ct", "--model", str(model_dir), "-o", str(out), "--device", "cpu",
+            "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds 2 DICOM series" in err[0] and "1125.41" in err[0] and not out.exists()
+    assert main([*args, "--series", "1.2.826.0.1.3680043.2.1125.41"]) == 0
+    assert nib.load(out).shape == (14, 12, 6)
+
+
+def test_an_empty_result_is_written_with_a_warning(tmp_path, model_dir, capsys, monkeypatch):
+    import training.infer.pipeline as pipeline
+
+    real = pipeline.predict
+
+    def nothing_found(*args, **kwargs):
+        prediction = real(*args, **kwargs)
+        for result in prediction:
+            result.labels[:] = 0
+        return prediction
+
+    monkeypatch.setattr(pipeline, "predict", nothing_found)
+    out = tmp_path / "labels.nii.gz"
+    assert main(["predict", str(_image(tmp_path / "case.nii.gz")), "--domain", "ct", "--model", str(model_dir),
+                 "-o", str(out), "--device", "cpu", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: ct found nothing in" in err and out.exists()

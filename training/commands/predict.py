@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from training.infer.config import BACKENDS, InferenceConfig
 
@@ -33,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep every connected component (default: each class keeps as many as its training labels had)")
     p.add_argument("--no-amp", action="store_true", help="full float32 on the GPU")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--series", metavar="UID",
+                   help="for a DICOM folder holding several series: the series to segment (its UID, or the "
+                        "start of it; the error for such a folder lists them)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -45,9 +49,13 @@ def run(args: argparse.Namespace) -> int:
         postprocess=not args.no_postprocess, backend=args.backend, amp=not args.no_amp,
     )
     with Bars("tile", enabled=not args.quiet) as bars:  # one bar per domain
-        paths = predict_files(args.images, args.domain, args.output, model=args.model, config=config,
-                              progress=lambda p: bars.update(p.domain, p.done, p.total, p.stage),
-                              overwrite=args.overwrite)
-    for domain, path in paths.items():
-        print(f"{domain}: {path}")
+        prediction = predict_files(args.images, args.domain, args.output, model=args.model, config=config,
+                                   progress=lambda p: bars.update(p.domain, p.done, p.total, p.stage),
+                                   overwrite=args.overwrite, series=args.series)
+    for result in prediction:
+        print(f"{result.domain}: {result.path}")
+        if result.empty:
+            print(f"u2net predict: warning: {result.domain} found nothing in {args.images[0]} (the labels are "
+                  "all background); check that the image shows what this domain segments (`u2net info`)",
+                  file=sys.stderr)
     return 0

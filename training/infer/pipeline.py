@@ -320,11 +320,14 @@ def predict_files(
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
     overwrite: bool = False,
-) -> dict[str, Path]:
-    """Read one case (its modality files, a 4D file or a DICOM folder), segment it, write labels.
+    series: str | None = None,
+) -> Prediction:
+    """Read one case (its modality files, a 4D file, a DICOM file or folder), segment it, write
+    labels; returns the :class:`Prediction` with each result's ``path``.
 
     ``model`` is a loaded :class:`~training.model.modelfile.Model`, a model directory, or None for the
-    bundled model. Nothing is written unless every domain succeeded.
+    bundled model; ``series`` picks a series of a DICOM folder that holds several. Nothing is
+    written unless every domain succeeded.
     """
     from training.io.atomic import check_writable
     from training.io.volume import read_image, write_labels
@@ -344,8 +347,8 @@ def predict_files(
         check_writable(path)  # a read-only, full or missing place is said now, not after the work
     if not isinstance(model, Model):
         model = load_model(resolve_model(model), domains=domains)
-    volume = read_image(images if len(images) > 1 else images[0])
+    volume = read_image(images if len(images) > 1 else images[0], series=series)
     prediction = predict(model, volume, domains, config, progress, cancel)
     for d, path in paths.items():  # exclusive unless overwriting: a file another run wrote meanwhile is kept
-        write_labels(path, prediction[d].labels, volume.affine, like=volume, overwrite=overwrite)
-    return paths
+        prediction[d].path = write_labels(path, prediction[d].labels, volume.affine, like=volume, overwrite=overwrite)
+    return prediction

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +22,7 @@ class DomainResult:
     # Further per-voxel outputs by name (e.g. probabilities), each (…, Z, Y, X) on the same grid;
     # none yet by default.
     maps: dict[str, np.ndarray] = field(default_factory=dict)
+    path: Path | None = None  # where the labels were written (predict_files), if they were
 
     @property
     def empty(self) -> bool:
