@@ -9,6 +9,21 @@ slices show by default, and the conversion back is exact (a row permutation). Mu
 (modality first, identity on that axis) so that one layer is one case the domain selector can run.
 Result layers copy the image layer's scale/translate/rotate/shear/affine exactly, so they overlay
 the image wherever the user has moved it.
+
+Sagittal and coronal acquisitions: napari draws the two displayed world axes from the sub-block of
+the layer's data→world matrix for the two displayed *data* axes (``set_slice(displayed).inverse``
+in ``Layer._update_draw``). For a sagittal file (axis 0 ≈ R) that block is a pure permutation's
+off-diagonal part: singular, and the exception inside vispy's paint aborts napari. The reader
+therefore shows the array with its axes *permuted* to napari's world order (S, A, R)
+(:func:`display_orientation`: the axis permutation of :func:`training.io.resample.canonical_orientation`,
+without its flips: a reversed axis is a negative diagonal entry, which napari draws fine, and
+keeping it leaves axial files untouched). Only the residual small rotation of an oblique scan
+stays in the layer affine. The displayed grid is an exact transpose of the file's, so runs
+segment the displayed grid (the core takes any orientation) and results overlay the image; the
+writer transposes labels back to the file's array order (:func:`to_source_order`) and writes the
+file's own affine and header. ``layer.metadata["u2net"]`` holds both grids: ``affine``/``shape``
+of the displayed data, ``source_affine``/``source_shape`` of the file and ``orientation`` (the
+permutation, display axis i = file axis ``orientation[i]``).
 """
 
 from __future__ import annotations
@@ -16,7 +31,8 @@ from __future__ import annotations
 import numpy as np
 
 from training.errors import InputError
-from training.io.volume import Volume
+from training.io.resample import Orientation, canonical_orientation, reorient_affine, undo_reorient_array
+from training.io.volume import Volume, nifti_to_ours
 
 META_KEY = "u2net"
 
@@ -30,6 +46,60 @@ def to_napari_affine(affine: np.ndarray) -> np.ndarray:
 
 
 from_napari_affine = to_napari_affine  # the row reversal is its own inverse
+
+
+IDENTITY = Orientation((0, 1, 2), (False, False, False))
+GRID_ATOL = 1e-4  # mm: two grids closer than this are the same grid (float32 header round trip)
+
+
+def display_orientation(affine: np.ndarray) -> Orientation:
+    """The axis permutation (no flips) that orders the array axes as napari's world (S, A, R):
+    the identity for axial scans, a transpose for sagittal and coronal ones (closest axes for
+    oblique scans). A degenerate affine keeps its order."""
+    try:
+        o = canonical_orientation(affine)
+    except ValueError:
+        return IDENTITY
+    return Orientation(o.perm, (False, False, False))
+
+
+def display_grid(affine: np.ndarray, shape) -> tuple[Orientation, np.ndarray, tuple[int, int, int]]:
+    """(orientation, affine, spatial shape) of the displayed grid of a volume on ``affine``/``shape``."""
+    o = display_orientation(affine)
+    shape = tuple(int(s) for s in shape)
+    return o, reorient_affine(affine, shape, o), tuple(shape[p] for p in o.perm)
+
+
+def same_grid(affine_a, shape_a, affine_b, shape_b, atol: float = GRID_ATOL) -> bool:
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(
+        np.asarray(affine_a, dtype=np.float64), np.asarray(affine_b, dtype=np.float64), atol=atol, rtol=0
+    )
+
+
+def source_grid(meta: dict) -> tuple[np.ndarray, tuple[int, int, int]] | None:
+    """The file's own grid (RAS affine, spatial shape in our (d0, d1, d2) order) from a layer's
+    ``u2net`` metadata: ``source_affine``/``source_shape`` as the reader stores them, else the NIfTI
+    header's (result layers of the domain selector carry the image's header). ``None``: unknown."""
+    if not isinstance(meta, dict):
+        return None
+    if meta.get("source_affine") is not None and meta.get("source_shape") is not None:
+        return np.asarray(meta["source_affine"], dtype=np.float64), tuple(int(s) for s in meta["source_shape"])
+    header = meta.get("header")
+    if header is not None and hasattr(header, "get_best_affine") and hasattr(header, "get_data_shape"):
+        dims = tuple(int(s) for s in header.get_data_shape()[:3])
+        if len(dims) == 3:
+            return nifti_to_ours(header.get_best_affine()), dims[::-1]
+    return None
+
+
+def to_source_order(labels: np.ndarray, affine: np.ndarray, source_affine, source_shape):
+    """``labels`` on the grid ``affine`` (the displayed grid) in the file's array order, or
+    ``None`` when that grid is not the displayed grid of the file's (``source_affine``,
+    ``source_shape``). Exact: a transpose."""
+    o, shown_affine, shown_shape = display_grid(source_affine, source_shape)
+    if not same_grid(affine, labels.shape, shown_affine, shown_shape):
+        return None
+    return undo_reorient_array(labels, o)
 
 
 def volume_layer_affine(affine: np.ndarray, channels: int) -> np.ndarray:
@@ -91,7 +161,10 @@ def layer_volume(layer) -> Volume:
     if min(array.shape[1:]) < 2:
         raise InputError(f"layer {name!r} is flat (shape {tuple(data.shape)}); a 3D volume is needed")
     meta = layer.metadata.get(META_KEY, {}) if isinstance(layer.metadata, dict) else {}
-    return Volume(array, affine, header=meta.get("header"), source=str(meta.get("source", "")))
+    # The file's grid, for whoever writes results of this volume in the file's order (the writer
+    # also finds it from a NIfTI header or the viewer's image layer).
+    source = {k: meta[k] for k in ("source_affine", "source_shape", "orientation") if k in meta}
+    return Volume(array, affine, header=meta.get("header"), source=str(meta.get("source", "")), meta=source)
 
 
 def result_geometry(image_layer) -> dict:

@@ -1,9 +1,12 @@
 """npe2 reader: NIfTI files, DICOM files and DICOM folders → Image layers in RAS millimetres.
 
 The layer's ``affine`` is the volume's index → RAS mm matrix, so napari places the data exactly
-where the scanner put it (oblique volumes included). A 4D (multi-modal) file opens as ONE layer,
-modality first, which is what multi-modal domains take. The full geometry (affine, NIfTI header,
-source path) is kept in ``layer.metadata["u2net"]`` for the writer and the domain selector.
+where the scanner put it (oblique volumes included). Sagittal and coronal scans show with their
+array axes permuted to napari's world order (S, A, R), an exact transpose (see
+:mod:`._geometry`: napari cannot draw a permuted affine). A 4D (multi-modal) file opens as ONE
+layer, modality first, which is what multi-modal domains take. The full geometry (displayed and
+file grids, the permutation, NIfTI header, source path) is kept in ``layer.metadata["u2net"]`` for
+the writer and the domain selector.
 A DICOM folder holding several series opens as one layer per series, named by its description.
 """
 
@@ -11,10 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from training.io.dicom import is_dicom_file, list_series, read_dicom
 from training.io.volume import Volume, is_nifti, read_image
 
-from ._geometry import META_KEY, volume_layer_affine
+from training.io.resample import reorient_array
+
+from ._geometry import META_KEY, display_grid, volume_layer_affine
 
 
 def _looks_like_dicom_folder(path: Path) -> bool:
@@ -48,20 +55,28 @@ def layer_name(path: str | Path) -> str:
 
 
 def volume_layer_data(volume: Volume, name: str, **kwargs) -> tuple:
-    """A napari LayerData tuple for a volume: 3D layer, or 4D modality-first layer."""
-    data = volume.data[0] if volume.channels == 1 else volume.data
+    """A napari LayerData tuple for a volume: 3D layer, or 4D modality-first layer, its spatial
+    axes in napari's world order (S, A, R) (a transpose for sagittal/coronal scans)."""
+    orientation, affine, shape = display_grid(volume.affine, volume.shape)
+    data = volume.data
+    if not orientation.is_identity:  # one contiguous copy: napari slices and uploads it fast
+        data = np.ascontiguousarray(reorient_array(data, orientation))
+    data = data[0] if volume.channels == 1 else data
     meta = {
-        "affine": volume.affine.copy(),
+        "affine": affine,  # the displayed grid (the layer's data)
         "header": volume.header,
         "source": volume.source,
-        "shape": tuple(int(s) for s in volume.shape),
+        "shape": shape,
+        "source_affine": volume.affine.copy(),  # the file's grid, for the writer
+        "source_shape": tuple(int(s) for s in volume.shape),
+        "orientation": tuple(orientation.perm),  # displayed axis i = file axis orientation[i]
         "channels": int(volume.channels),
-        "spacing": [float(s) for s in volume.spacing],
+        "spacing": [float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))],
         "info": dict(volume.meta),
     }
     attrs = {
         "name": name,
-        "affine": volume_layer_affine(volume.affine, volume.channels),
+        "affine": volume_layer_affine(affine, volume.channels),
         "metadata": {META_KEY: meta},
         "units": "mm",
         **kwargs,

@@ -126,7 +126,9 @@ def test_a_dicom_file_and_a_folder_of_several_series_are_claimed(tmp_path):
     one = sorted((tmp_path / "s0").iterdir())[0]
     assert napari_get_reader(str(one)) is read_volume
     ((data, attrs, kind),) = read_volume(str(one))
-    assert kind == "image" and data.shape == (5, 12, 10)
+    # diag(2, .8, .8) puts axis 0 along R: a sagittal series, shown transposed to (S, A, R) order.
+    assert kind == "image" and attrs["metadata"][META_KEY]["source_shape"] == (5, 12, 10)
+    assert data.shape == (10, 12, 5)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for i in range(2):
@@ -134,6 +136,6 @@ def test_a_dicom_file_and_a_folder_of_several_series_are_claimed(tmp_path):
             shutil.copy(f, mixed / f"{i}{f.name}")
     assert napari_get_reader(str(mixed)) is read_volume
     layers = read_volume(str(mixed))
-    assert [d.shape for d, _, _ in layers] == [(5, 12, 10), (4, 8, 9)]
+    assert [a["metadata"][META_KEY]["source_shape"] for _, a, _ in layers] == [(5, 12, 10), (4, 8, 9)]
     assert [a["name"] for _, a, _ in layers] == ["mixed 1.2.826.0.1.3680043.2.1125.30",
                                                  "mixed 1.2.826.0.1.3680043.2.1125.31"]
