@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from training.commands._progress import track_training
-    from training.errors import U2NetError
+    from training.errors import InputError, U2NetError
+    from training.io.atomic import check_writable
+    from training.model.layout import TRUNK_FILE
     from training.model.network import ArchConfig
     from training.train.distributed import setup, teardown
     from training.train.runs import domain_from_dataset, train_model
@@ -40,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     config.domain_weights = parse_domain_weights(args.domain_weight)
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output}: exists and is not a folder; -o names the model folder to write")
+    check_writable(output / TRUNK_FILE)  # a read-only or full place is said now, not after training
     try:
         arch = ArchConfig(base_channels=args.base_channels, levels=args.levels)
     except ValueError as e:

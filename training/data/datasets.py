@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.errors import DatasetError
+from training.errors import DatasetError, InputError
 from training.io.atomic import atomic_write_text
 from training.io.volume import is_nifti, nifti_to_ours
 
@@ -319,5 +319,5 @@ def load_split(
 def _write_json_atomic(path: Path, obj) -> None:
     try:
         atomic_write_text(path, json.dumps(obj, indent=1))
-    except OSError as e:  # read-only dataset: the split is deterministic, so just do not store it
+    except (OSError, InputError) as e:  # read-only dataset: the split is deterministic, so just do not store it
         warnings.warn(f"cannot write {path} ({e}); the split is recomputed each time", stacklevel=3)

@@ -36,7 +36,7 @@ import numpy as np
 
 from training.data.datasets import Case, MSDDataset, _header
 from training.data.normalization import normalize
-from training.errors import DatasetError
+from training.errors import DatasetError, InputError
 from training.io.atomic import atomic_write_bytes
 from training.io.resample import (
     canonical_orientation,
@@ -296,7 +296,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     """A cache write that cannot be made (read-only or full disk) only costs the cache."""
     try:
         atomic_write_bytes(path, data)
-    except OSError as e:
+    except (OSError, InputError) as e:  # atomic writes say why in an InputError
         warnings.warn(f"cannot write {path} ({e}); not cached", stacklevel=3)
 
 

@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from training.errors import InputError
+
 BUNDLED_MODEL = "default"
 HOME_ENV = "U2NET_HOME"  # overrides the cache folder (downloads, compiled graphs, user models)
 
@@ -30,7 +32,10 @@ def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
     """``$U2NET_HOME`` if set, else the OS cache folder for napari-u2net."""
     environ = os.environ if environ is None else environ
     if environ.get(HOME_ENV):
-        return Path(environ[HOME_ENV]).expanduser()
+        home = Path(environ[HOME_ENV]).expanduser()
+        if home.exists() and not home.is_dir():
+            raise InputError(f"{HOME_ENV}={home} is a file, not a folder; point it at a folder (or unset it)")
+        return home
     import pooch
 
     return Path(pooch.os_cache("napari-u2net"))

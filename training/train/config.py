@@ -6,6 +6,7 @@ lines read their option defaults from here without slowing ``u2net --help``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,13 @@ class TrainConfig:
             raise U2NetError(f"iterations must be ≥ 1, got {self.iterations}")
         if self.batch_size < 1:
             raise U2NetError(f"batch size must be ≥ 1, got {self.batch_size}")
+        for name in ("lr", "weight_decay", "momentum", "fg_fraction", "grad_clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                what = "> 0" if name == "lr" else "≥ 0"
+                raise U2NetError(f"{name.replace('_', ' ')} must be a finite number {what}, got {value}")
+        if self.fg_fraction > 1:
+            raise U2NetError(f"foreground fraction must be at most 1, got {self.fg_fraction}")
         if self.optimizer not in OPTIMIZERS:
             raise U2NetError(f"unknown optimizer {self.optimizer!r}; use {' or '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
