@@ -10,27 +10,39 @@ Our metadata is one JSON document stored under the header key ``"u2net"``. Every
 the hash of the trunk weights it was trained against; pairing it with another trunk is refused.
 Writes go to a temporary file in the same directory and are renamed into place, so a crash never
 leaves a half-written model file behind.
+
+Integrity: every file written by :func:`write_weights` carries ``"checksum"`` in its metadata,
+``{"algorithm": "sha256", "weights": …, "metadata": …}``: a sha256 of the stored tensors (names,
+dtypes, shapes and raw bytes, in name order) and one of the canonical JSON of the rest of the
+metadata. :func:`read_weights` verifies both, refuses NaN/inf weights, and checks the metadata
+against a small schema (:func:`validate_adapter_meta`, :func:`validate_trunk_meta`) before any
+weight is used. Files written before checksums existed still load: they get the schema and the
+finite-weights checks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
+from training.data.normalization import SCHEMES as NORMALIZATION_SCHEMES
 from training.errors import U2NetError
 from training.io.atomic import atomic_write_bytes, default_file_mode  # noqa: F401  (re-exported)
-from training.model.layout import ADAPTER_DIR, ADAPTER_SUFFIX, META_KEY, TRUNK_FILE, adapter_path  # noqa: F401
-from training.model.network import ArchConfig, DomainAdapter, DomainConfig, U2Net
+from training.model.layout import ADAPTER_DIR, ADAPTER_SUFFIX, META_KEY, TRUNK_FILE, adapter_path
+from training.model.network import DOMAIN_NAME, ArchConfig, DomainAdapter, DomainConfig, U2Net
 
 FORMAT_VERSION = 1
+CHECKSUM_KEY = "checksum"  # in our metadata: {"algorithm": "sha256", "weights": hex, "metadata": hex}
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 # A palette for classes without a colour of their own (background is transparent black).
@@ -42,6 +54,13 @@ DEFAULT_COLORS = [
 
 class ModelFileError(U2NetError):
     """A model file or directory that cannot be used; the message says why and what to do."""
+
+
+class MetadataError(ModelFileError, ValueError):
+    """Model metadata that fails the schema (wrong type, absurd value); the message says which."""
+
+
+_DAMAGED = "the file was altered or damaged: re-download or re-save it"
 
 
 @dataclass
@@ -99,8 +118,10 @@ class AdapterMeta:
 
     @classmethod
     def from_dict(cls, d: dict) -> AdapterMeta:
+        """From a file's metadata; raises :class:`MetadataError` if it fails the schema."""
+        validate_adapter_meta(d)
         d = dict(d)
-        d["classes"] = [ClassInfo(**c) for c in d["classes"]]
+        d["classes"] = [ClassInfo(str(c["name"]), str(c["color"])) for c in d["classes"]]
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -114,6 +135,153 @@ def make_classes(names: list[str], colors: list[str] | None = None) -> list[Clas
     """Class list with background first; colours from the default palette unless given."""
     colors = colors or [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(len(names))]
     return [ClassInfo(n, c) for n, c in zip(names, colors)]
+
+
+# -- metadata schema ---------------------------------------------------------------------------
+SPACING_RANGE_MM = (0.05, 50.0)  # per axis
+PATCH_RANGE = (1, 1024)  # voxels per axis
+MAX_CHANNELS_IN = 64  # modalities per domain
+MAX_CLASSES = 256  # classes per domain, background included (labels fit in uint8)
+MAX_POOL_COUNT = 16
+MAX_COMPONENTS = 100_000
+ARCH_RANGES = {"base_channels": (1, 1024), "levels": (1, 12), "max_channels": (1, 8192)}
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    """A finite JSON number (ints are exact, however large: math.isfinite would overflow)."""
+    return _is_int(x) or (isinstance(x, float) and math.isfinite(x))
+
+
+def _int_list(d: dict, key: str, n: int | None, lo: int, hi: int, what: str) -> None:
+    v = d.get(key)
+    if (not isinstance(v, list) or (n is not None and len(v) != n)
+            or not all(_is_int(x) and lo <= x <= hi for x in v)):
+        count = f"{n} " if n is not None else ""
+        raise MetadataError(f"{key} must be a list of {count}whole numbers from {lo} to {hi} ({what}), "
+                            f"got {_short(v)}")
+
+
+def _str_field(d: dict, key: str, limit: int = 100_000) -> None:
+    if key in d and not (isinstance(d[key], str) and len(d[key]) <= limit):
+        raise MetadataError(f"{key} must be text, got {_short(d[key])}")
+
+
+def _normalization_spec(i: int, spec) -> None:
+    where = f"normalization[{i}]"
+    if not isinstance(spec, dict):
+        raise MetadataError(f"{where} must be an object like {{\"scheme\": \"zscore\"}}, got {_short(spec)}")
+    scheme = spec.get("scheme", "zscore")  # as normalize_channel reads it
+    if scheme not in NORMALIZATION_SCHEMES:
+        raise MetadataError(f"{where}: unknown normalisation scheme {_short(scheme)}; expected one of "
+                            f"{', '.join(NORMALIZATION_SCHEMES)}")
+    if scheme == "ct":
+        clip = spec.get("clip")
+        if not (isinstance(clip, list) and len(clip) == 2 and all(_is_number(x) for x in clip)
+                and clip[0] <= clip[1]):
+            raise MetadataError(f"{where}: a CT normalisation needs clip = [low, high] (finite numbers, "
+                                f"low ≤ high), got {_short(clip)}")
+        for key in ("mean", "std"):
+            if not _is_number(spec.get(key)):
+                raise MetadataError(f"{where}: a CT normalisation needs a finite number {key}, "
+                                    f"got {_short(spec.get(key))}")
+        if spec["std"] < 0:
+            raise MetadataError(f"{where}: std must be ≥ 0, got {_short(spec['std'])}")
+    elif scheme == "zscore" and not isinstance(spec.get("nonzero", False), bool):
+        raise MetadataError(f"{where}: nonzero must be true or false, got {_short(spec.get('nonzero'))}")
+
+
+def _common_fields(d: dict) -> None:
+    version = d.get("format_version", FORMAT_VERSION)
+    if not (_is_int(version) and 1 <= version):
+        raise MetadataError(f"format_version must be a whole number ≥ 1, got {_short(version)}")
+    _str_field(d, "trunk_hash", 256)
+    if not isinstance(d.get("provenance", {}), dict):
+        raise MetadataError(f"provenance must be an object, got {_short(d.get('provenance'))}")
+
+
+def validate_adapter_meta(d) -> None:
+    """Check an adapter's metadata (a dict as stored in its file) against the schema.
+
+    Raises :class:`MetadataError` naming the first offending field. Rules: ``domain`` a valid
+    domain name; ``modalities`` 1–64 strings; ``classes`` 2–256 ``{name, color}`` objects with
+    text values; ``spacing`` 3 finite numbers in 0.05–50 mm; ``patch_size`` 3 integers in
+    1–1024; ``pool_counts`` null or 3 integers in 0–16; ``normalization`` empty or one spec per
+    modality, each a known scheme with its statistics (CT: clip [lo ≤ hi], mean, std ≥ 0, all
+    finite; zscore: nonzero a boolean); ``components`` null or one integer ≥ 0 per class;
+    ``modality``/``description``/``trunk_hash`` text; ``provenance`` an object;
+    ``format_version`` an integer ≥ 1. Unknown keys are allowed (newer writers may add some).
+    """
+    if not isinstance(d, dict):
+        raise MetadataError(f"metadata must be a JSON object, got {_short(d)}")
+    for key in ("domain", "modalities", "classes"):
+        if key not in d:
+            raise MetadataError(f"required field {key!r} is missing")
+    if not (isinstance(d["domain"], str) and DOMAIN_NAME.match(d["domain"])):
+        raise MetadataError(f"domain must be a name of 1–64 letters, digits, '_', '-' or '.', "
+                            f"got {_short(d['domain'])}")
+    mods = d["modalities"]
+    if not (isinstance(mods, list) and 1 <= len(mods) <= MAX_CHANNELS_IN
+            and all(isinstance(m, str) and len(m) <= 256 for m in mods)):
+        raise MetadataError(f"modalities must be a list of 1–{MAX_CHANNELS_IN} names, got {_short(mods)}")
+    classes = d["classes"]
+    if not (isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES):
+        raise MetadataError(f"classes must be a list of 2–{MAX_CLASSES} {{name, color}} objects "
+                            f"(background first), got {_short(classes)}")
+    for c in classes:
+        if not (isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("color"), str)
+                and len(c["name"]) <= 256 and len(c["color"]) <= 64):
+            raise MetadataError(f"each class must be an object {{\"name\": text, \"color\": text}}, "
+                                f"got {_short(c)}")
+    spacing = d.get("spacing", [1.0, 1.0, 1.0])
+    lo, hi = SPACING_RANGE_MM
+    if not (isinstance(spacing, list) and len(spacing) == 3
+            and all(_is_number(x) and lo <= x <= hi for x in spacing)):
+        raise MetadataError(f"spacing must be 3 numbers from {lo:g} to {hi:g} mm (z, y, x), got {_short(spacing)}")
+    _int_list({"patch_size": [64, 64, 64], **d}, "patch_size", 3, *PATCH_RANGE, "voxels, z, y, x")
+    if d.get("pool_counts") is not None:
+        _int_list(d, "pool_counts", 3, 0, MAX_POOL_COUNT, "downsamplings per axis")
+    norm = d.get("normalization", [])
+    if not (isinstance(norm, list) and len(norm) in (0, len(mods))):
+        raise MetadataError(f"normalization must be a list with one spec per modality ({len(mods)}), "
+                            f"got {_short(norm)}")
+    for i, spec in enumerate(norm):
+        _normalization_spec(i, spec)
+    if d.get("components") is not None:
+        _int_list(d, "components", len(classes), 0, MAX_COMPONENTS, "components kept per class")
+    for key in ("modality", "description"):
+        _str_field(d, key)
+    _common_fields(d)
+
+
+def validate_trunk_meta(d) -> None:
+    """Check a trunk's metadata: ``arch`` with integer base_channels (1–1024), levels (1–12) and
+    max_channels (base_channels–8192), plus the fields every model file has (see
+    :func:`validate_adapter_meta`). Raises :class:`MetadataError`."""
+    if not isinstance(d, dict):
+        raise MetadataError(f"metadata must be a JSON object, got {_short(d)}")
+    arch = d.get("arch")
+    if not isinstance(arch, dict):
+        raise MetadataError(f"arch must be an object with base_channels, levels, max_channels, got {_short(arch)}")
+    for key, (lo, hi) in ARCH_RANGES.items():
+        v = arch.get(key)
+        if not (_is_int(v) and lo <= v <= hi):
+            raise MetadataError(f"arch.{key} must be a whole number from {lo} to {hi}, got {_short(v)}")
+    if arch["max_channels"] < arch["base_channels"]:
+        raise MetadataError(f"arch.max_channels ({arch['max_channels']}) is below base_channels "
+                            f"({arch['base_channels']})")
+    _common_fields(d)
+
+
+_VALIDATORS = {"adapter": validate_adapter_meta, "trunk": validate_trunk_meta}
 
 
 @dataclass
@@ -156,6 +324,56 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+# -- checksums ---------------------------------------------------------------------------------
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of tensors exactly as stored: name, dtype, shape and raw bytes of each, in name order.
+
+    Unlike :func:`weights_hash` nothing is converted, so it is cheap and sees every stored bit.
+    """
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        h.update(json.dumps([key, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def metadata_digest(meta: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of ``meta`` without its checksum."""
+    body = {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _verify_checksum(path: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
+    checksum = meta[CHECKSUM_KEY]
+    if not (isinstance(checksum, dict) and checksum.get("algorithm") == "sha256"
+            and isinstance(checksum.get("weights"), str) and isinstance(checksum.get("metadata"), str)):
+        raise ModelFileError(f"{path}: the file's checksum entry is malformed ({_short(checksum)}); {_DAMAGED}")
+    if checksum["metadata"] != metadata_digest(meta):
+        raise ModelFileError(f"{path}: the file's metadata do not match its checksum; {_DAMAGED}")
+    if checksum["weights"] != tensors_digest(state):
+        raise ModelFileError(f"{path}: the file's weights do not match its checksum; {_DAMAGED}")
+
+
+def _non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating-point tensor holding NaN or ±inf, else None."""
+    for key in sorted(state):
+        t = state[key].detach()
+        if not t.is_floating_point():
+            continue
+        if t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS:  # numpy: ~30× faster than torch on float16
+            finite = bool(np.isfinite(t.numpy()).all())
+        else:
+            finite = bool(torch.isfinite(t).all())
+        if not finite:
+            return key
+    return None
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
 # -- single files ---------------------------------------------------------------------------
 def _to_storage(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
     if dtype not in STORAGE_DTYPES:
@@ -164,12 +382,30 @@ def _to_storage(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.T
 
 
 def write_weights(path: Path, state: dict[str, torch.Tensor], meta: dict, dtype: str = "float32") -> None:
-    data = st_save_bytes(_to_storage(state, dtype), metadata={META_KEY: json.dumps(meta)})
+    """Write one model file with ``meta`` under our header key, stamped with a fresh checksum.
+
+    Any checksum already in ``meta`` is replaced (``meta`` itself is not modified). Refuses to write
+    NaN/inf weights, which no reader would accept (e.g. float32 values beyond the float16 range).
+    """
+    stored = _to_storage(state, dtype)
+    bad = _non_finite(stored)
+    if bad is not None:
+        why = ("the training diverged" if _non_finite({bad: state[bad]}) is not None
+               else f"its values do not fit {dtype}: save as float32")
+        raise ModelFileError(f"{path}: refusing to write weight {bad!r} with NaN or infinite values; {why}")
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != CHECKSUM_KEY}))  # as a reader sees it
+    body[CHECKSUM_KEY] = {"algorithm": "sha256", "weights": tensors_digest(stored), "metadata": metadata_digest(body)}
+    data = st_save_bytes(stored, metadata={META_KEY: json.dumps(body)})
     atomic_write_bytes(path, data)
 
 
 def read_weights(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read one model file; every failure becomes a :class:`ModelFileError` naming the file."""
+    """Read one model file; every failure becomes a :class:`ModelFileError` naming the file.
+
+    Before returning anything it checks the file's checksum (files from before checksums existed
+    have none and skip that step), that every weight is finite, and that the metadata pass the
+    schema of ``kind`` ("trunk" or "adapter"). The metadata returned include the verified checksum.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
@@ -190,19 +426,33 @@ def read_weights(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
         state = st_load_bytes(raw)
         header = json.loads(raw[8 : 8 + header_len])
     except (SafetensorError, ValueError) as e:
-        raise ModelFileError(f"{path}: file is truncated or corrupt ({e}); re-download or re-save it") from e
+        msg = " ".join(str(e).split())[:200]
+        raise ModelFileError(f"{path}: file is truncated or corrupt ({msg}); re-download or re-save it") from e
     try:
         meta = json.loads(header.get("__metadata__", {})[META_KEY])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise ModelFileError(f"{path}: not a u2net model file (no '{META_KEY}' metadata)") from e
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: not a u2net model file ('{META_KEY}' metadata is not a JSON object)")
     if meta.get("kind") != kind:
-        raise ModelFileError(f"{path}: expected a {kind} file, found {meta.get('kind')!r}")
+        raise ModelFileError(f"{path}: expected a {kind} file, found {_short(meta.get('kind'))}")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not (_is_int(version) and version >= 1):
+        raise ModelFileError(f"{path}: invalid model format version {_short(version)}; {_DAMAGED}")
+    if version > FORMAT_VERSION:
         raise ModelFileError(
-            f"{path}: model format version {version!r} is newer than this napari-u2net supports "
+            f"{path}: model format version {_short(version)} is newer than this napari-u2net supports "
             f"({FORMAT_VERSION}); upgrade napari-u2net"
         )
+    if CHECKSUM_KEY in meta:
+        _verify_checksum(path, state, meta)
+    bad = _non_finite(state)
+    if bad is not None:
+        raise ModelFileError(f"{path}: weight {bad!r} holds NaN or infinite values; {_DAMAGED}")
+    try:
+        _VALIDATORS.get(kind, lambda m: None)(meta)
+    except MetadataError as e:
+        raise ModelFileError(f"{path}: invalid {kind} metadata: {e}; {_DAMAGED}") from e
     return state, meta
 
 
@@ -218,6 +468,10 @@ def save_trunk(path: Path, net: U2Net, provenance: dict | None = None, dtype: st
         "trunk_hash": trunk_hash,
         "provenance": provenance or {},
     }
+    try:
+        validate_trunk_meta(meta)
+    except MetadataError as e:
+        raise MetadataError(f"{path}: refusing to write invalid trunk metadata: {e}") from e
     write_weights(path, state, meta, dtype)
     return trunk_hash
 
@@ -231,7 +485,11 @@ def save_adapter(path: Path, net: U2Net, meta: AdapterMeta, trunk_hash: str, dty
         )
     meta.trunk_hash = trunk_hash
     meta.pool_counts = list(config.pool_counts) if config.pool_counts is not None else None
-    d = {"kind": "adapter", **meta.to_dict()}
+    d = json.loads(json.dumps({"kind": "adapter", **meta.to_dict()}))  # as it will be read back
+    try:
+        validate_adapter_meta(d)
+    except MetadataError as e:
+        raise MetadataError(f"{path}: refusing to write invalid metadata for {meta.domain!r}: {e}") from e
     write_weights(path, net.adapters[meta.domain].state_dict(), d, dtype)
 
 
@@ -252,11 +510,11 @@ def save_model(
 
 
 def load_trunk(path: Path, device: str | torch.device = "cpu") -> tuple[U2Net, TrunkMeta]:
-    state, meta = read_weights(path, "trunk")
+    state, meta = read_weights(path, "trunk")  # checksum, finite weights and schema checked
     try:
         arch = ArchConfig.from_dict(meta["arch"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"{path}: invalid architecture in metadata ({e})") from e
+        raise ModelFileError(f"{path}: invalid architecture in metadata ({e}); {_DAMAGED}") from e
     with torch.device("meta"):  # built empty: the file's tensors are assigned, not copied
         net = U2Net(arch)
     _load_state(net.trunk, state, path, assign=True)
@@ -265,19 +523,28 @@ def load_trunk(path: Path, device: str | torch.device = "cpu") -> tuple[U2Net, T
         raise ModelFileError(f"{path}: weights do not fit the architecture (missing {left[:3]})")
     trunk_hash = weights_hash(state)
     if meta.get("trunk_hash") and meta["trunk_hash"] != trunk_hash:
-        raise ModelFileError(f"{path}: weights do not match the hash in their metadata; the file is corrupt")
+        raise ModelFileError(f"{path}: weights do not match the hash in their metadata; {_DAMAGED}")
     info = TrunkMeta(arch, trunk_hash, meta.get("provenance", {}), meta["format_version"])
     return net.to(device), info
 
 
 def load_adapter(path: Path, net: U2Net, trunk_hash: str) -> AdapterMeta:
     """Add the adapter in ``path`` to ``net``; refuses one made for another trunk."""
-    state, raw_meta = read_weights(path, "adapter")
+    state, raw_meta = read_weights(path, "adapter")  # checksum, finite weights and schema checked
     try:
         meta = AdapterMeta.from_dict(raw_meta)
         config = meta.domain_config()
     except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"{path}: invalid adapter metadata ({e})") from e
+        raise ModelFileError(f"{path}: invalid adapter metadata ({e}); {_DAMAGED}") from e
+    levels = net.arch.levels
+    if config.pool_counts is not None and max(config.pool_counts) > levels - 1:
+        raise ModelFileError(f"{path}: invalid adapter metadata: pool_counts {list(config.pool_counts)} exceed "
+                             f"the trunk's {levels - 1} downsamplings; {_DAMAGED}")
+    conv = state.get("input_conv.weight")
+    if conv is not None and (conv.ndim != 5 or conv.shape[1] != meta.in_channels):
+        channels = conv.shape[1] if conv.ndim == 5 else "?"
+        raise ModelFileError(f"{path}: the metadata list {meta.in_channels} modalities but the weights take "
+                             f"{channels} input channels; {_DAMAGED}")
     if meta.trunk_hash != trunk_hash:
         raise ModelFileError(
             f"{path}: adapter {meta.domain!r} was trained with another shared trunk "
