@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import locale
+
 import pytest
 import torch
 
@@ -26,6 +28,15 @@ def adapter_meta(net: U2Net, name: str, modality: str = "CT", **kw) -> AdapterMe
 @pytest.fixture(scope="session")
 def _session_home(tmp_path_factory):
     return tmp_path_factory.mktemp("u2net_home")
+
+
+@pytest.fixture(autouse=True)
+def _restore_locale():
+    """ITK's GDCM writer (the tests write DICOM series with it) sets the process locale to "C" and
+    leaves it so, after which Python's default text encoding is ASCII for every later test."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture(autouse=True)
