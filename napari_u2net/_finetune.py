@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtWidgets import QFileDialog, QMessageBox, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMessageBox, QVBoxLayout, QWidget
 
 from training.errors import InputError
 from training.model.domain_match import guess_modality
@@ -30,7 +31,7 @@ from . import _finetune_worker as fw
 from . import _jobs
 from ._devices import start_device_probe
 from ._finetune_gui import FineTuneGui, PairRow
-from ._geometry import layer_data_to_world, layer_volume, spatial_part
+from ._geometry import META_KEY, layer_data_to_world, layer_volume, spatial_part
 from ._session import ModelSession, session_for
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,7 @@ AUTO_INIT = "auto"
 RANDOM_INIT = "<random>"
 CPU_DEFAULTS = {"iterations": 300, "lr": 1e-2}
 GPU_DEFAULTS = {"iterations": 1500, "lr": 1e-2}
-OOM_ADVICE = (
-    "nothing was saved. Lower the patch size, train on the CPU instead of the GPU (or the reverse), "
-    "or close other programs, then train again"
-)
+OOM_ADVICE = "nothing was saved; set a smaller patch size or train on the other device, then train again"
 
 
 def parse_patch(text: str) -> tuple[int, int, int] | None:
@@ -100,6 +98,7 @@ class FineTuneWidget(QWidget):
         self.prefill_jobs = 0  # layer reads running (tests and benchmarks wait for 0)
         self._domains: list[dict] = []  # the base model's domains
         self._has_gpu = False  # until the device probe tells
+        self._outcome = ""  # how the last training ended, for the progress bar
 
         g = self.gui
         g.iterations_spin.setValue(CPU_DEFAULTS["iterations"])
@@ -120,6 +119,7 @@ class FineTuneWidget(QWidget):
         events = self.viewer.layers.events
         events.inserted.connect(self._on_layers_changed)
         events.removed.connect(self._on_layers_changed)
+        self.viewer.layers.selection.events.active.connect(self._on_active_layer)
         for layer in self.viewer.layers:
             layer.events.name.connect(self._refresh_layers)
         self.add_pair()
@@ -127,6 +127,31 @@ class FineTuneWidget(QWidget):
         self._probe_devices()
         self._pick_default_base()
         self.session.model_changed.connect(self._on_session_model)
+
+    # -- docking ----------------------------------------------------------------------------------
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().showEvent(event)
+        if not getattr(self, "_shared_height", False):
+            self._shared_height = True
+            QTimer.singleShot(0, self.share_dock_height)
+
+    def share_dock_height(self) -> None:
+        """Docked below another panel (napari docks a second plugin panel under the first, with
+        only its minimum height), take an equal share of the column: room for the live plot."""
+        dock = self.parent()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parent()
+        window = dock.parent() if dock is not None else None
+        if not isinstance(window, QMainWindow) or dock.isFloating():
+            return
+        area = window.dockWidgetArea(dock)
+        x = dock.geometry().x()
+        column = [d for d in window.findChildren(QDockWidget)
+                  if d.isVisible() and not d.isFloating() and window.dockWidgetArea(d) == area
+                  and d.geometry().x() == x and d.parent() is window]
+        if len(column) > 1:
+            total = sum(d.height() for d in column)
+            window.resizeDocks(column, [total // len(column)] * len(column), Qt.Vertical)
 
     # -- layers -----------------------------------------------------------------------------------
     def _layers(self, kind: str) -> list:
@@ -136,9 +161,55 @@ class FineTuneWidget(QWidget):
         return [layer for layer in self.viewer.layers if isinstance(layer, cls)]
 
     def _on_layers_changed(self, event=None) -> None:
-        if event is not None and getattr(event, "type", "") == "inserted":
-            event.value.events.name.connect(self._refresh_layers)
+        inserted = event.value if event is not None and getattr(event, "type", "") == "inserted" else None
+        if inserted is not None:
+            inserted.events.name.connect(self._refresh_layers)
         self._refresh_layers()
+        if inserted is not None:
+            self.follow_layer(inserted)
+
+    def _on_active_layer(self, event=None) -> None:
+        layer = getattr(event, "value", None) if event is not None else self.viewer.layers.selection.active
+        if layer is not None:
+            self.follow_layer(layer)
+
+    def follow_layer(self, layer) -> bool:
+        """A newly opened or selected layer becomes the training pair's, where that is unambiguous:
+        only with a single pair (several pairs are the user's own list) and while not training.
+        An image brings along a labels layer made on it (a result ``<image> <domain>``, if any); a
+        labels layer brings along the image it was made on. True if the pair changed."""
+        from napari.layers import Image, Labels
+
+        if self.worker is not None or len(self.rows) != 1 or layer not in self.viewer.layers:
+            return False
+        row = self.rows[0]
+        meta = layer.metadata.get(META_KEY, {}) if isinstance(layer.metadata, dict) else {}
+        meta = meta if isinstance(meta, dict) else {}
+        if isinstance(layer, Image) and "map" not in meta:
+            image, labels = layer.name, self._labels_made_on(layer.name)
+        elif isinstance(layer, Labels):
+            image, labels = meta.get("image") or self._image_under(layer.name), layer.name
+        else:
+            return False
+        before = (row.image_combo.currentText(), row.labels_combo.currentText())
+        if image and row.image_combo.findText(image) >= 0:
+            row.image_combo.setCurrentText(image)
+        if labels and row.labels_combo.findText(labels) >= 0:
+            row.labels_combo.setCurrentText(labels)
+        return (row.image_combo.currentText(), row.labels_combo.currentText()) != before
+
+    def _labels_made_on(self, image: str) -> str | None:
+        """The newest labels layer made on ``image`` (its metadata says so, or it is named after it)."""
+        for layer in reversed(self._layers("labels")):
+            meta = layer.metadata.get(META_KEY, {}) if isinstance(layer.metadata, dict) else {}
+            if (isinstance(meta, dict) and meta.get("image") == image) or layer.name.startswith(f"{image} "):
+                return layer.name
+        return None
+
+    def _image_under(self, labels: str) -> str | None:
+        """The image a labels layer is named after (``<image> <domain>``, ``<image> labels``)."""
+        names = sorted((layer.name for layer in self._layers("image")), key=len, reverse=True)
+        return next((n for n in names if labels.startswith(f"{n} ")), None)
 
     def add_pair(self, image: str | None = None, labels: str | None = None) -> PairRow:
         row = PairRow(self)
@@ -265,7 +336,10 @@ class FineTuneWidget(QWidget):
             trunk_hash = fw.trunk_hash_of(folder)
             domains = fw.model_domains(folder)
         except Exception as e:  # unreadable: say so, keep the previous choice
-            self._notify("error", f"{folder}: not a usable U²-Net model folder ({e})")
+            log.info("%s is not a usable model folder: %s: %s", folder, type(e).__name__, e)
+            text = f"{folder.name!r} is not a U²-Net model folder. Pick one that holds trunk.safetensors and adapters/."
+            self.gui.status_label.setText(text)
+            self._notify("error", text)
             return
         self.source_dir = folder
         self._domains = [d for d in domains if "error" not in d]
@@ -421,19 +495,22 @@ class FineTuneWidget(QWidget):
         try:
             request = self.make_request()
         except InputError as e:
+            log.info("fine-tuning not started: %s", e)
+            self.gui.status_label.setText(f"Not started: {e}")
             self._notify("error", str(e))
-            self.gui.status_label.setText(str(e))
             return
         if request.name in self._existing_domains(Path(request.target_dir)):
             if not self.confirm_overwrite(request.name, Path(request.target_dir)):
-                text = f"domain {request.name!r} already exists in {request.target_dir}; nothing was changed. Choose another name"
-                self._notify("warning", text)
+                log.info("not overwriting domain %r in %s", request.name, request.target_dir)
+                text = f"Not started: domain {request.name!r} already exists in your model folder. Choose another name."
                 self.gui.status_label.setText(text)
+                self._notify("warning", text)
                 return
             request.overwrite = True
             if request.init_from in (AUTO_INIT, request.name):  # not from the adapter being replaced
                 request.init_from = self._closest(request.modality, exclude=request.name)
         self.stop_event = threading.Event()
+        self._outcome = ""
         self.worker = worker = _jobs.start(
             fw.finetune_job, request, self.stop_event, train_fn=self.train_fn,
             on_report=self._on_report, on_done=self._on_done, on_error=self._on_error,
@@ -446,12 +523,13 @@ class FineTuneWidget(QWidget):
         gc.freeze()
         self.gui.set_running(True)
         self.gui.plot.clear(request.config.iterations)
+        self.gui.show_plot()  # the settings are locked now: show the live plot instead
         self.gui.progress_bar.setValue(0)
         self.gui.progress_bar.setFormat("starting…")
         n_vox = sum(int((p.labels != fw.IGNORE_INDEX).sum()) for p in request.pairs)
-        self.gui.status_label.setText(
-            f"Training {request.name!r} on {len(request.pairs)} image(s), {n_vox:,} labelled voxels…"
-        )
+        self.gui.status_label.setText(f"Training {request.name!r} on {len(request.pairs)} image(s)…")
+        log.info("fine-tuning %r: %d pair(s), %d labelled voxels, %s, from %s into %s", request.name,
+                 len(request.pairs), n_vox, request.config, request.source_dir, request.target_dir)
         worker.start()
 
     def stop(self) -> None:
@@ -481,13 +559,14 @@ class FineTuneWidget(QWidget):
 
     def _on_done(self, result) -> None:
         self.result = result
+        self._outcome = "stopped" if result.stopped else "done"
         self.gui.plot.flush()
         keep = True
         if result.stopped:
             keep = bool(self.ask_keep(result))
         if not keep:
             fw.discard(result)
-            text = f"stopped after {result.iterations_done} iterations; the adapter was discarded, nothing was saved"
+            text = f"Stopped after {result.iterations_done} iterations; the new domain was discarded."
             self.gui.status_label.setText(text)
             self._notify("info", text)
             return
@@ -495,13 +574,20 @@ class FineTuneWidget(QWidget):
             path = fw.publish(result)
         except Exception as e:  # e.g. the folder became read-only meanwhile
             fw.discard(result)
-            log.error("saving the adapter failed", exc_info=e)
-            self._notify("error", f"could not save the adapter into {result.request.target_dir}: {e}")
+            log.error("saving the adapter into %s failed: %s: %s", result.request.target_dir,
+                      type(e).__name__, e, exc_info=e)
+            text = "Could not save the new domain into your model folder. Choose another 'Save to' folder and train again."
+            self.gui.status_label.setText(text)
+            self._notify("error", text)
             return
         self.last_saved = path
         name = result.request.name
-        best = f", best Dice on your labels {result.best_val:.3f}" if result.best_val is not None else ""
-        text = f"saved domain {name!r} ({result.iterations_done} iterations{best}) in {path.parent.parent}"
+        best = f" (agreement with your labels: Dice {result.best_val:.2f})" if result.best_val is not None else ""
+        log.info("saved domain %r after %d iterations (best validation Dice %s) as %s", name,
+                 result.iterations_done, result.best_val, path)
+        text = f"Saved the new domain {name!r}{best}; it is ticked in the domain selector, ready to run."
+        if not len(self.session.domain_added):
+            text = f"Saved the new domain {name!r}{best} in {path.parent.parent}."
         self.gui.status_label.setText(text)
         self._notify("info", text)
         self._announce(Path(result.request.target_dir), name)
@@ -514,9 +600,8 @@ class FineTuneWidget(QWidget):
         self.session.add_domain(folder, name)
 
     def _on_error(self, error: BaseException) -> None:
-        level, text = _jobs.user_message(error, "fine-tuning", OOM_ADVICE)
-        if level == "error" and not isinstance(error, InputError):
-            log.error("fine-tuning failed", exc_info=error)
+        level, text = _jobs.user_message(error, "fine-tuning", OOM_ADVICE)  # logs the details
+        self._outcome = "stopped" if level == "info" else "failed"
         self.gui.status_label.setText(text)
         self._notify(level, text)
 
@@ -525,7 +610,8 @@ class FineTuneWidget(QWidget):
         self.worker = None
         self.stop_event = None
         self.gui.set_running(False)
-        self.gui.progress_bar.setFormat("idle" if self.result is None else self.gui.progress_bar.format())
+        if self._outcome:  # the bar says how it ended; the status line says what to do next
+            self.gui.progress_bar.setFormat(self._outcome)
 
     # -- dialogs --------------------------------------------------------------------------------------
     def _ask_keep_dialog(self, result) -> bool:
@@ -549,6 +635,7 @@ class FineTuneWidget(QWidget):
         return answer == QMessageBox.Yes
 
     def _notify(self, level: str, text: str) -> None:
+        log.info("notification (%s): %s", level, text)  # the full text, should napari cut it short
         {"error": show_error, "warning": show_warning}.get(level, show_info)(text)
 
 

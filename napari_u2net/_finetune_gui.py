@@ -1,7 +1,13 @@
-"""Layout of the fine-tune panel: widgets only, no behaviour (that is in ``_finetune.py``)."""
+"""Layout of the fine-tune panel: widgets only, no behaviour (that is in ``_finetune.py``).
+
+The settings and the live plot sit in a scroll area (``_finetune.py`` scrolls the plot into view
+when training starts); Train/Stop, the progress bar and the status line stay pinned below it, so
+they remain visible when the panel shares a small screen with the domain selector.
+"""
 
 from __future__ import annotations
 
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -22,6 +28,7 @@ from qtpy.QtWidgets import (
 from ._devices import device_combo
 from ._plot import TrainingPlot
 from ._progress_bar import ProgressBar
+from ._widget_gui import VerticalScrollArea
 
 
 class PairRow(QWidget):
@@ -52,8 +59,16 @@ class FineTuneGui(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(6, 6, 6, 6)
+        # fill the dock (napari adds a stretch below a panel that does not want vertical space)
+        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Expanding)
+        root = QVBoxLayout(self)
+        root.setContentsMargins(0, 0, 0, 0)
+        root.setSpacing(4)
+        body = QWidget()
+        outer = QVBoxLayout(body)
+        outer.setContentsMargins(6, 6, 6, 0)
+        self.scroll = VerticalScrollArea(body, min_height=90)
+        root.addWidget(self.scroll, stretch=1)
 
         data_box = QGroupBox("Training data (image + corrected labels)")
         data_layout = QVBoxLayout(data_box)
@@ -126,28 +141,37 @@ class FineTuneGui(QWidget):
         save_row.addWidget(self.target_button)
         tform.addRow("Save to", save_row)
         outer.addWidget(train_box)
+        self.plot = TrainingPlot(body)
+        outer.addWidget(self.plot)
+        outer.addStretch(1)
 
+        footer = QVBoxLayout()  # pinned below the scroll area: always visible
+        footer.setContentsMargins(6, 0, 6, 6)
+        root.addLayout(footer)
         buttons = QHBoxLayout()
         self.train_button = QPushButton("Train")
         self.stop_button = QPushButton("Stop")
         self.stop_button.setEnabled(False)
         buttons.addWidget(self.train_button)
         buttons.addWidget(self.stop_button)
-        outer.addLayout(buttons)
+        footer.addLayout(buttons)
         self.progress_bar = ProgressBar()
         self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setValue(0)  # (a bar without a value shows no text)
         self.progress_bar.setFormat("idle")
         self.progress_bar.setTextVisible(True)
-        outer.addWidget(self.progress_bar)
+        footer.addWidget(self.progress_bar)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         # room for three lines from the start: a longer message then does not resize the dock (and
         # with it napari's canvas, a full repaint) at the Train click
         self.status_label.setMinimumHeight(3 * self.status_label.fontMetrics().lineSpacing())
-        outer.addWidget(self.status_label)
-        self.plot = TrainingPlot(self)
-        outer.addWidget(self.plot)
-        outer.addStretch(1)
+        self.status_label.setAlignment(Qt.AlignLeft | Qt.AlignTop)
+        footer.addWidget(self.status_label)
+
+    def show_plot(self) -> None:
+        """Scroll the live plot into view (training started: the settings above are locked)."""
+        self.scroll.ensureWidgetVisible(self.plot, 0, 0)
 
     def set_running(self, running: bool) -> None:
         self.train_button.setEnabled(not running)

@@ -150,14 +150,21 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def user_message(error: BaseException, task: str, oom_advice: str) -> tuple[str, str]:
     """(level, text) for a notification about a failed ``task`` ("segmentation", "fine-tuning"):
-    our errors say what to do; out of memory gets ``oom_advice``; anything else a generic hint."""
+    our errors say what to do; out of memory gets ``oom_advice``; anything else a plain hint.
+
+    The text is short and plain (what happened, what to do); the technical detail (exception type,
+    message, traceback) goes to this module's log, which napari shows."""
     if isinstance(error, Cancelled):
-        return "info", str(error) or f"{task} cancelled; nothing was added"
+        log.info("%s cancelled: %s", task, error)
+        return "info", str(error) or f"{task.capitalize()} cancelled: nothing was added."
     if isinstance(error, U2NetError):
+        log.info("%s refused: %s: %s", task, type(error).__name__, error)
         return "error", str(error)
     if is_out_of_memory(error):
-        return "error", f"out of memory during {task}; {oom_advice}"
+        log.error("%s ran out of memory: %s: %s", task, type(error).__name__, error)
+        return "error", f"The computer ran out of memory during {task}: {oom_advice}."
+    log.error("%s failed: %s: %s", task, type(error).__name__, error, exc_info=error)
     return "error", (
-        f"{task} failed unexpectedly ({type(error).__name__}: {error}); "
-        "the details are in napari's log — please report them"
+        f"{task.capitalize()} stopped because of an unexpected problem. Try again; if it happens again, "
+        "report it with the details from napari's log."
     )

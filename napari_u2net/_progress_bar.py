@@ -22,3 +22,23 @@ class ProgressBar(QProgressBar):
             super().setValue(value)
         finally:
             self.setUpdatesEnabled(True)
+
+
+# The core's stage ids (``training.infer.sliding_window.InferenceProgress.stage``, plus the job's own
+# "starting") in the words a radiologist reads on the progress bar. The only place they are mapped.
+STAGE_WORDS = {
+    "starting": "starting",
+    "preprocess": "preparing",
+    "sliding-window": "segmenting",
+    "tiles": "segmenting",
+    "resample": "resampling",
+    "postprocess": "cleaning up",
+    "done": "done",
+}
+
+
+def stage_words(stage: str | None) -> str:
+    """Plain words for a stage id; an unknown id is shown without its hyphens ("working" if empty)."""
+    if not stage:
+        return "working"
+    return STAGE_WORDS.get(stage, stage.replace("-", " ").replace("_", " "))

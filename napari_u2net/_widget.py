@@ -31,15 +31,14 @@ from . import _jobs
 from ._devices import start_device_probe
 from ._geometry import META_KEY, layer_volume, result_geometry, with_leading_axes
 from ._models import ModelChoice, load_model_job, model_choices
+from ._progress_bar import stage_words
 from ._segment import RunReport, RunRequest, check_case, layer_channels, run_segmentation
 from ._session import session_for
 from ._widget_gui import DomainSelectorGui
 
 log = logging.getLogger(__name__)
 PREVIOUS_SUFFIX = " (previous)"
-OOM_ADVICE = (
-    "choose the CPU device, lower the overlap or the batch size, close other programs, or crop the volume"
-)
+OOM_ADVICE = "choose the CPU device or a smaller tile overlap, close other programs, then run again"
 # napari's per-Labels-layer overlays (polygon tool, brush stroke): their vispy visuals are built
 # only once visible, and building them was about half of inserting a result layer.
 _DEFERRED_OVERLAYS = ("polygon", "brush_stroke")
@@ -193,6 +192,7 @@ class DomainSelectorWidget(QWidget):
         self.model_worker = None
         self.cancel_event: threading.Event | None = None
         self._pbar = None
+        self._stage: tuple[str, str] | None = None  # the run's current (domain, stage), for the log
         self._choices: list[ModelChoice] = []
         self._pending_domains: list[str] | None = None
         self.hint_jobs = 0  # modality guesses running (tests and benchmarks wait for 0)
@@ -210,6 +210,7 @@ class DomainSelectorWidget(QWidget):
         events = self.viewer.layers.events
         events.inserted.connect(self._on_layers_changed)
         events.removed.connect(self._on_layers_changed)
+        self.viewer.layers.selection.events.active.connect(self._on_active_layer)
         for layer in self.viewer.layers:
             layer.events.name.connect(self._refresh_images)
         self._refresh_images()
@@ -224,9 +225,35 @@ class DomainSelectorWidget(QWidget):
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
 
     def _on_layers_changed(self, event=None) -> None:
-        if event is not None and getattr(event, "type", "") == "inserted":
-            event.value.events.name.connect(self._refresh_images)
+        inserted = event.value if event is not None and getattr(event, "type", "") == "inserted" else None
+        if inserted is not None:
+            inserted.events.name.connect(self._refresh_images)
         self._refresh_images()
+        if inserted is not None:
+            self.follow_image(inserted)  # a newly opened image becomes the one to segment
+
+    def _on_active_layer(self, event=None) -> None:
+        """The user selected a layer in napari's layer list: an image becomes the one to segment."""
+        layer = getattr(event, "value", None) if event is not None else self.viewer.layers.selection.active
+        if layer is not None:
+            self.follow_image(layer)
+
+    def follow_image(self, layer) -> bool:
+        """Choose ``layer`` in the Image list if it is an image the user opened (not one of our
+        per-voxel output layers) and no run is in progress (the run keeps its image). True if chosen."""
+        from napari.layers import Image
+
+        if self.worker is not None or not isinstance(layer, Image) or layer not in self.viewer.layers:
+            return False
+        meta = layer.metadata.get(META_KEY, {}) if isinstance(layer.metadata, dict) else {}
+        if isinstance(meta, dict) and "map" in meta:
+            return False  # a result's map (e.g. certainty): not an image to segment
+        combo = self.gui.image_combo
+        index = combo.findText(layer.name)
+        if index < 0 or index == combo.currentIndex():
+            return index >= 0
+        combo.setCurrentIndex(index)  # currentIndexChanged: the ticked domains follow the image
+        return True
 
     def _refresh_images(self, event=None) -> None:
         combo = self.gui.image_combo
@@ -454,8 +481,9 @@ class DomainSelectorWidget(QWidget):
     def _on_model_error(self, error: BaseException) -> None:
         self.gui.progress_bar.setValue(0)
         self.gui.progress_bar.setFormat("idle")
-        level, text = _jobs.user_message(error, "model loading", OOM_ADVICE)
+        level, text = _jobs.user_message(error, "model loading", "close other programs or pick a smaller model")
         self.gui.model_info.setText(f"Cannot use this model: {text}")
+        self.gui.status_label.setText("Cannot use this model: pick another one (see the note under Model).")
         self._notify(level, f"cannot use this model: {text}")
 
     def _fill_domains(self, check: list[str] | None = None) -> None:
@@ -500,6 +528,8 @@ class DomainSelectorWidget(QWidget):
         try:
             request, image = self._make_request()
         except InputError as e:
+            log.info("segmentation not started: %s", e)
+            self.gui.status_label.setText(f"Not started: {e}")
             self._notify("error", str(e))
             return
         from napari.utils import progress
@@ -522,7 +552,9 @@ class DomainSelectorWidget(QWidget):
         self.gui.set_running(True)
         self.gui.progress_bar.setValue(0)
         self.gui.progress_bar.setFormat("starting…")
-        self.gui.status_label.setText(f"Segmenting {image.name!r}: {', '.join(request.domains)}")
+        self.gui.status_label.setText(f"Segmenting {image.name!r} with {', '.join(request.domains)}…")
+        self._stage = None
+        log.info("segmenting %r with %s (%s)", image.name, ", ".join(request.domains), request.config)
         self._pbar = progress(total=1000, desc=f"U²-Net: {image.name}")
         # napari holds millions of long-lived objects; a full garbage collection triggered by the
         # worker's allocations scans them all with the GIL held (≈ 0.9 s freeze measured at the
@@ -570,23 +602,29 @@ class DomainSelectorWidget(QWidget):
     def _on_report(self, report: RunReport) -> None:
         value = int(round(1000 * report.fraction))
         self.gui.progress_bar.setValue(value)
-        if report.total:
-            self.gui.progress_bar.setFormat(f"{report.domain} {report.stage} {report.done}/{report.total}")
+        words = stage_words(report.stage)
+        if (report.domain, report.stage) != self._stage:  # the detail goes to the log
+            self._stage = (report.domain, report.stage)
+            log.info("segmentation %s: stage %s (%d/%d)", report.domain or "-", report.stage, report.done, report.total)
+        if report.domain and report.total and words == "segmenting":  # tiles: the only counted stage
+            self.gui.progress_bar.setFormat(f"{report.domain}: {words} {100 * report.done // report.total}%")
+        elif report.domain:
+            self.gui.progress_bar.setFormat(f"{report.domain}: {words}…")
         else:
-            self.gui.progress_bar.setFormat(report.stage or "working…")
+            self.gui.progress_bar.setFormat(words if words == "done" else f"{words}…")
         if self._pbar is not None and value > self._pbar.n:
             self._pbar.update(value - self._pbar.n)
 
     def _on_run_returned(self, image, layers: dict) -> None:
         if image not in self.viewer.layers:
-            self._notify("warning", f"the image layer {image.name!r} was closed during the run; nothing added")
+            text = f"{image.name!r} was closed during the segmentation, so no result was added. Open it again and run."
+            self.gui.status_label.setText(text)
+            self._notify("warning", text)
         else:
             self._add_results(image, layers)
 
     def _on_run_error(self, error: BaseException) -> None:
-        level, text = _jobs.user_message(error, "segmentation", OOM_ADVICE)
-        if level == "error" and not isinstance(error, (InputError,)):
-            log.error("segmentation failed", exc_info=error)
+        level, text = _jobs.user_message(error, "segmentation", OOM_ADVICE)  # logs the details
         self.gui.status_label.setText(text)
         self._notify(level, text)
 
@@ -609,14 +647,15 @@ class DomainSelectorWidget(QWidget):
             added.append(self._add_result(image, domain, labels).name)
             if labels.metadata[META_KEY]["empty"]:
                 empty.append(domain)
-        self.gui.status_label.setText("Added " + ", ".join(repr(n) for n in added))
+        self.gui.status_label.setText("Done: added " + ", ".join(repr(n) for n in added))
+        log.info("segmentation of %r done: added %s", image.name, ", ".join(added))
         for domain in empty:
             meta = self.model.meta(domain)
             looked_for = ", ".join(meta.class_names[1:])
             self._notify(
                 "warning",
-                f"{domain} found nothing in {image.name!r} (its layer is empty). It looks for {looked_for} "
-                f"on {meta.modality} images: check that this image shows them, or choose another domain.",
+                f"{domain} found nothing in {image.name!r}: it looks for {looked_for} on {meta.modality} "
+                "images. Check the image, or tick another domain.",
             )
 
     def _add_map(self, layer):
@@ -643,13 +682,12 @@ class DomainSelectorWidget(QWidget):
                 old.name = name + PREVIOUS_SUFFIX
                 old.visible = False
                 index += 1
-                self._notify(
-                    "info", f"kept the edited layer {name!r} as {old.name!r} (hidden); the new result replaces it"
-                )
+                self._notify("info", f"kept the edited layer {name!r} as {old.name!r} (hidden); the new result replaces it")
         layer.name = name
         insert_layer_smoothly(self.viewer, index, layer)
         return layer
 
     # -- messages -----------------------------------------------------------------------------------
     def _notify(self, level: str, text: str) -> None:
+        log.info("notification (%s): %s", level, text)  # the full text, should napari cut it short
         {"error": show_error, "warning": show_warning}.get(level, show_info)(text)

@@ -1,5 +1,9 @@
 """Layout of the domain selector: widgets only, no behaviour (that is in ``_widget.py``).
 
+The choices (image, model, domains, run options) sit in a :class:`VerticalScrollArea`; Run/Cancel,
+the progress bar and the status line stay pinned below it, so they remain visible whatever the
+dock's height (both panels docked in a 1366×768 window: ``tests/test_plugin_layout.py``).
+
 The run options show the core's own choices and defaults (:mod:`training.infer.config`), so a
 default changed or a backend added there appears here without a change in the plugin.
 """
@@ -8,18 +12,20 @@ from __future__ import annotations
 
 import importlib.util
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, QSize, Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QListWidget,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSpinBox,
     QVBoxLayout,
@@ -49,13 +55,56 @@ def backend_combo() -> QComboBox:
     return combo
 
 
+class VerticalScrollArea(QScrollArea):
+    """Scrolls its content vertically only: as wide as the content needs, and as tall as the dock
+    allows (down to ``min_height``), so a dock shares a small screen without pushing the window."""
+
+    def __init__(self, body: QWidget, min_height: int = 80, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.min_height = min_height
+        self.setWidget(body)
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Expanding)
+        body.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:
+        # the content's size hints changed (e.g. a longer model name): let the dock re-read ours,
+        # or the content would be wider than the area and clipped on the right
+        if obj is self.widget() and event.type() == QEvent.LayoutRequest:
+            self.updateGeometry()
+        return super().eventFilter(obj, event)
+
+    def _extra_width(self) -> int:
+        return self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+
+    def minimumSizeHint(self) -> QSize:
+        return QSize(self.widget().minimumSizeHint().width() + self._extra_width(), self.min_height)
+
+    def sizeHint(self) -> QSize:
+        # at most ~18 lines tall: when a second panel is docked below, napari's window then shares
+        # the height between both instead of leaving the newcomer only its minimum
+        hint = self.widget().sizeHint()
+        height = min(hint.height() + 2 * self.frameWidth(), 18 * self.fontMetrics().lineSpacing())
+        return QSize(hint.width() + self._extra_width(), height)
+
+
 class DomainSelectorGui(QWidget):
     """The controls of the domain selector, laid out top to bottom in the order they are used."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(6, 6, 6, 6)
+        # fill the dock (napari adds a stretch below a panel that does not want vertical space)
+        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Expanding)
+        root = QVBoxLayout(self)
+        root.setContentsMargins(0, 0, 0, 0)
+        root.setSpacing(4)
+        body = QWidget()
+        outer = QVBoxLayout(body)
+        outer.setContentsMargins(6, 6, 6, 0)
+        self.scroll = VerticalScrollArea(body, min_height=90)
+        root.addWidget(self.scroll, stretch=1)
 
         form = QFormLayout()
         self.image_combo = QComboBox()
@@ -115,24 +164,30 @@ class DomainSelectorGui(QWidget):
         options.addRow("", self.amp_check)
         outer.addLayout(options)
 
+        footer = QVBoxLayout()  # pinned below the scroll area: always visible
+        footer.setContentsMargins(6, 0, 6, 6)
+        root.addLayout(footer)
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        outer.addLayout(buttons)
+        footer.addLayout(buttons)
 
         self.progress_bar = ProgressBar()
         self.progress_bar.setRange(0, 1000)
         self.progress_bar.setValue(0)
         self.progress_bar.setTextVisible(True)
         self.progress_bar.setFormat("idle")
-        outer.addWidget(self.progress_bar)
+        footer.addWidget(self.progress_bar)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         self.status_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        outer.addWidget(self.status_label)
+        # two lines from the start: a message then does not resize the dock (and napari's canvas)
+        self.status_label.setMinimumHeight(2 * self.status_label.fontMetrics().lineSpacing())
+        self.status_label.setAlignment(Qt.AlignLeft | Qt.AlignTop)
+        footer.addWidget(self.status_label)
 
     def set_running(self, running: bool) -> None:
         """Lock the inputs while a job runs; only Cancel stays live."""

@@ -60,8 +60,14 @@ def test_real_inference_through_the_widget(make_napari_viewer, qtbot, ct_model_d
     widget.set_model_dir(ct_model_dir, domains=["ct"])
     qtbot.waitUntil(lambda: widget.model is not None, timeout=60000)
     widget.gui.overlap_spin.setValue(0.0)
+    shown: list[str] = []  # what the progress bar said, from the core's real stage ids
+    report = widget._on_report
+    widget._on_report = lambda r: (report(r), shown.append(widget.gui.progress_bar.format()))
     widget.run()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120000)
+    assert any("segmenting" in t for t in shown) and shown[-1] == "done", shown
+    assert not [t for t in shown if any(k in t for k in ("sliding-window", "preprocess", "postprocess"))], shown
+    assert widget.gui.status_label.text().startswith("Done")
     labels = viewer.layers[f"{image.name} ct"]
     assert labels.data.shape == image.data.shape and labels.data.dtype.kind == "u"
     np.testing.assert_array_equal(labels.affine.affine_matrix, image.affine.affine_matrix)

@@ -289,10 +289,13 @@ def test_existing_name_asks_before_overwriting(make_napari_viewer, qtbot, base_m
     g.train_button.click()
     assert asked == ["kidney-ct"] and w.worker is None
     assert "already exists" in rec.text("warning") and not target.exists()  # nothing changed
+    assert g.status_label.text().startswith("Not started") and "already exists" in g.status_label.text()
 
     answer[0] = True
     _train(qtbot, w, 300)
     assert rec.text("error") == ""
+    assert g.status_label.text().startswith("Saved") and "'kidney-ct'" in g.status_label.text()
+    assert g.progress_bar.format() == "done"
     meta = load_model(target, domains=["kidney-ct"]).meta("kidney-ct")
     assert meta.class_names == ["background", "class 1"] and meta.provenance["iterations_done"] == 2
 
@@ -337,9 +340,11 @@ def test_bad_input_is_refused_with_a_clear_message(make_napari_viewer, qtbot, ba
     w.gui.classes_edit.setText("background, liver")
     w.gui.sparse_check.setChecked(sparse)
     before = _files(base_model)
+    w.gui.status_label.setText("Saved domain 'x'")  # a previous outcome must not stay
     w.gui.train_button.click()
     assert w.worker is None
     assert expected in rec.text("error"), rec.messages
+    assert w.gui.status_label.text().startswith("Not started") and expected in w.gui.status_label.text()
     assert _files(base_model) == before and not (home / "models").exists()
 
 
@@ -359,8 +364,35 @@ def test_out_of_memory_becomes_a_message_and_saves_nothing(make_napari_viewer, q
     _train(qtbot, w, 120)
     assert started.is_set()
     assert "out of memory" in rec.text("error")
+    assert "MemoryError" not in rec.text("error") and "48.0 GiB" not in rec.text("error")  # in the log only
+    assert w.gui.status_label.text() == rec.messages[-1][1] and w.gui.progress_bar.format() == "failed"
     assert not (target / "adapters" / "liver.safetensors").exists()
     assert not [p for p in target.iterdir() if p.name.startswith(".")]
+
+
+def test_the_pair_follows_a_newly_opened_or_selected_case(make_napari_viewer, qtbot, base_model, home):
+    """Issue #16: a newly opened image (and the labels made on it) becomes the training pair, as does
+    a case selected in the layer list; with several pairs the user's list is left alone."""
+    viewer = make_napari_viewer(show=True)
+    _add_case(viewer, 1, "ct1")
+    w, _rec = _panel(viewer, qtbot, base_model)
+    row = w.rows[0]
+
+    def pair():
+        return row.image_combo.currentText(), row.labels_combo.currentText()
+
+    assert pair() == ("ct1", "ct1 labels")
+    _add_case(viewer, 2, "ct2")
+    assert pair() == ("ct2", "ct2 labels")
+    viewer.layers.selection.active = viewer.layers["ct1"]  # an image: with the labels made on it
+    assert pair() == ("ct1", "ct1 labels")
+    viewer.layers.selection.active = viewer.layers["ct2 labels"]  # labels: with their image
+    assert pair() == ("ct2", "ct2 labels")
+    w.add_pair("ct1", "ct1 labels")
+    _add_case(viewer, 3, "ct3")
+    viewer.layers.selection.active = viewer.layers["ct1"]
+    assert pair() == ("ct2", "ct2 labels") and len(w.rows) == 2
+    qtbot.waitUntil(lambda: w.prefill_jobs == 0, timeout=10000)
 
 
 def test_labels_checks_without_qt():

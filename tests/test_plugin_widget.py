@@ -353,7 +353,8 @@ def test_ticked_domain_follows_the_image(make_napari_viewer, qtbot, tmp_path):
     viewer.add_image(blob_image(), name="mr")
     viewer.add_image(blob_image() * 2, name="mr 2")
     viewer.add_image(blob_image(), name="named", metadata={META_KEY: {"domain": "spleen"}})
-    assert widget.gui.image_combo.currentText() == "ct" and widget.checked_domains() == ["spleen"]
+    # each opened image became the one to segment (issue #16), the last one names spleen
+    assert widget.gui.image_combo.currentText() == "named" and widget.checked_domains() == ["spleen"]
 
     def choose(name):
         widget.gui.image_combo.setCurrentText(name)
@@ -452,3 +453,104 @@ def test_an_empty_result_is_reported_not_just_added(make_napari_viewer, qtbot, m
     widget.gui.image_combo.setCurrentText("scan")
     run_and_wait(widget, qtbot)
     assert not [m for m in messages if m[0] == "warning"], messages
+
+
+def test_a_newly_opened_or_selected_image_becomes_the_one_to_segment(make_napari_viewer, qtbot, model_dir, messages):
+    """Issue #16: opening a second image left the Image choice on the first one, so the next run
+    segmented (and named its result after) the previous case."""
+    viewer = make_napari_viewer(show=True)
+    first = viewer.add_image(blob_image(), name="case 1")
+    widget = make_widget(viewer, qtbot, model_dir, ThresholdPredict())
+    widget.set_checked_domains(["ct"])
+    combo = widget.gui.image_combo
+    assert combo.currentText() == "case 1"
+    viewer.add_image(blob_image() * 2, name="case 2")
+    viewer.add_image(blob_image() * 3, name="case 3")
+    assert combo.currentText() == "case 3"  # the image just opened
+    run_and_wait(widget, qtbot)
+    assert "case 3 ct" in viewer.layers and "case 1 ct" not in viewer.layers
+    # a result's labels or per-voxel map is not an image to segment
+    assert combo.currentText() == "case 3"
+    viewer.add_image(blob_image(), name="case 3 ct certainty", metadata={"u2net": {"map": "certainty"}})
+    assert combo.currentText() == "case 3"
+    # selecting an image in napari's layer list chooses it; selecting a labels layer does not
+    viewer.layers.selection.active = first
+    assert combo.currentText() == "case 1"
+    viewer.layers.selection.active = viewer.layers["case 3 ct"]
+    assert combo.currentText() == "case 1"
+    run_and_wait(widget, qtbot)
+    assert "case 1 ct" in viewer.layers
+    # while a run is in progress the choice stays on the image being segmented
+    widget.predict_fn = ThresholdPredict(tiles=200, delay=0.02)
+    widget.gui.image_combo.setCurrentText("case 2")
+    widget.run()
+    viewer.add_image(blob_image(), name="case 4")
+    viewer.layers.selection.active = viewer.layers["case 3"]
+    assert combo.currentText() == "case 2"
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10000)
+    viewer.layers.selection.active = viewer.layers["case 4"]
+    assert combo.currentText() == "case 4"
+
+
+def test_status_line_follows_every_outcome(make_napari_viewer, qtbot, model_dir, messages):
+    """Issue #16: after an input error the status line kept the previous run's text."""
+    viewer = make_napari_viewer(show=True)
+    widget = make_widget(viewer, qtbot, model_dir, ThresholdPredict())
+    status = widget.gui.status_label
+    widget.run()  # no image yet: an input error
+    assert messages[-1][0] == "error" and "no image layer" in messages[-1][1]
+    assert status.text().startswith("Not started") and "no image layer" in status.text()
+    viewer.add_image(blob_image(), name="scan")
+    widget.set_checked_domains(["ct"])
+    run_and_wait(widget, qtbot)
+    assert "scan ct" in viewer.layers
+    assert status.text().startswith("Done") and "'scan ct'" in status.text()
+    widget.set_checked_domains([])
+    widget.run()  # an input error after a success: the success is not left standing
+    assert status.text().startswith("Not started") and "tick at least one domain" in status.text()
+    widget.set_checked_domains(["ct"])
+    widget.predict_fn = ThresholdPredict(tiles=200, delay=0.02)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.gui.progress_bar.value() > 0, timeout=10000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10000)
+    assert "cancel" in status.text()
+    widget.predict_fn = ThresholdPredict(error=ValueError("boom in tile 3"))
+    run_and_wait(widget, qtbot)
+    level, text = messages[-1]
+    # a failure: plain words and what to do; the exception's type and text are in the log only
+    assert level == "error" and "unexpected problem" in text and "log" in text
+    assert "ValueError" not in text and "boom" not in text and status.text() == text
+
+
+def test_progress_bar_shows_plain_stage_words(make_napari_viewer, qtbot, model_dir):
+    """The core's stage ids (preprocess, sliding-window, …) become words a radiologist reads."""
+    from napari_u2net._progress_bar import STAGE_WORDS
+    from napari_u2net._segment import RunReport
+
+    viewer = make_napari_viewer()
+    viewer.add_image(blob_image(), name="scan")
+    widget = make_widget(viewer, qtbot, model_dir, ThresholdPredict())
+    bar = widget.gui.progress_bar
+    expected = {"preprocess": "preparing", "sliding-window": "segmenting", "resample": "resampling",
+                "postprocess": "cleaning up", "done": "done"}
+    assert {k: STAGE_WORDS[k] for k in expected} == expected
+    widget._on_report(RunReport("", 0, 0, "starting", 0.0))
+    assert bar.format() == "starting…"
+    widget._on_report(RunReport("spleen-ct", 0, 12, "preprocess", 0.0))
+    assert bar.format() == "spleen-ct: preparing…"
+    widget._on_report(RunReport("spleen-ct", 3, 12, "sliding-window", 0.25))
+    assert bar.format() == "spleen-ct: segmenting 25%" and bar.value() == 250
+    widget._on_report(RunReport("spleen-ct", 12, 12, "resample", 0.9))
+    assert bar.format() == "spleen-ct: resampling…"
+    widget._on_report(RunReport("spleen-ct", 12, 12, "postprocess", 0.95))
+    assert bar.format() == "spleen-ct: cleaning up…"
+    widget._on_report(RunReport("", 1, 1, "done", 1.0))
+    assert bar.format() == "done"
+    # and in a run: what the bar showed never has a core id in it
+    shown: list[str] = []
+    report = widget._on_report
+    widget._on_report = lambda r: (report(r), shown.append(bar.format()))
+    run_and_wait(widget, qtbot)
+    assert shown and not [t for t in shown if "sliding-window" in t or "preprocess" in t], shown
