@@ -150,6 +150,8 @@ def result_layers(image_name: str, geometry: dict, result, meta, volume, model_d
         "affine": np.asarray(volume.affine).copy(),
         "header": volume.header,
         "source": volume.source,
+        # the file's own grid, so the writer restores its array order without the image layer
+        **{k: volume.meta[k] for k in ("source_affine", "source_shape", "orientation") if k in volume.meta},
     }
     metadata = {META_KEY: {**base, "classes": meta.class_names, "shape": tuple(labels.shape),
                            "result_hash": labels_hash(labels), "empty": result.empty}}

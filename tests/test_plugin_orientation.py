@@ -185,8 +185,14 @@ def test_sagittal_dicom_series(make_napari_viewer, qtbot, model_dir, tmp_path):
     labels = viewer.layers[f"{image.name} ct"]
     paint(viewer)
     np.testing.assert_array_equal(labels._data_to_world.affine_matrix, image._data_to_world.affine_matrix)
-    saved = nib.load(save(viewer, labels, tmp_path / "seg.nii.gz"))
     values = source.data[0]
+    saved = nib.load(save(viewer, labels, tmp_path / "seg.nii.gz"))
+    np.testing.assert_array_equal(np.asanyarray(saved.dataobj), np.transpose(values > values.mean(), (2, 1, 0)))
+    np.testing.assert_allclose(saved.affine, ours_to_nifti(source.affine), atol=1e-4)
+    # With the image layer closed (a series has no header to fall back on), the result's own
+    # metadata still knows the series' grid.
+    viewer.layers.remove(image)
+    saved = nib.load(save(viewer, labels, tmp_path / "seg2.nii.gz"))
     np.testing.assert_array_equal(np.asanyarray(saved.dataobj), np.transpose(values > values.mean(), (2, 1, 0)))
     np.testing.assert_allclose(saved.affine, ours_to_nifti(source.affine), atol=1e-4)
 
