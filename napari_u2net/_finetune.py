@@ -32,6 +32,7 @@ from . import _jobs
 from ._devices import start_device_probe
 from ._finetune_gui import FineTuneGui, PairRow
 from ._geometry import META_KEY, layer_data_to_world, layer_volume, spatial_part
+from ._panel import follow_layers
 from ._session import ModelSession, session_for
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,7 @@ class FineTuneWidget(QWidget):
         g.iterations_spin.valueChanged.connect(lambda n: self.worker is None and g.plot.clear(int(n)))
         g.device_combo.currentIndexChanged.connect(self._on_device)
 
-        events = self.viewer.layers.events
-        events.inserted.connect(self._on_layers_changed)
-        events.removed.connect(self._on_layers_changed)
-        self.viewer.layers.selection.events.active.connect(self._on_active_layer)
-        for layer in self.viewer.layers:
-            layer.events.name.connect(self._refresh_layers)
+        follow_layers(self.viewer, self._refresh_layers, self.follow_layer)
         self.add_pair()
         self.warmed_up = False
         self._probe_devices()
@@ -159,19 +155,6 @@ class FineTuneWidget(QWidget):
 
         cls = Image if kind == "image" else Labels
         return [layer for layer in self.viewer.layers if isinstance(layer, cls)]
-
-    def _on_layers_changed(self, event=None) -> None:
-        inserted = event.value if event is not None and getattr(event, "type", "") == "inserted" else None
-        if inserted is not None:
-            inserted.events.name.connect(self._refresh_layers)
-        self._refresh_layers()
-        if inserted is not None:
-            self.follow_layer(inserted)
-
-    def _on_active_layer(self, event=None) -> None:
-        layer = getattr(event, "value", None) if event is not None else self.viewer.layers.selection.active
-        if layer is not None:
-            self.follow_layer(layer)
 
     def follow_layer(self, layer) -> bool:
         """A newly opened or selected layer becomes the training pair's, where that is unambiguous:

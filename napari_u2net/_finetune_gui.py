@@ -26,9 +26,9 @@ from qtpy.QtWidgets import (
 )
 
 from ._devices import device_combo
+from ._panel import ScrollingPanel
 from ._plot import TrainingPlot
 from ._progress_bar import ProgressBar
-from ._widget_gui import VerticalScrollArea
 
 
 class PairRow(QWidget):
@@ -54,21 +54,12 @@ class PairRow(QWidget):
         row.addWidget(self.remove_button)
 
 
-class FineTuneGui(QWidget):
+class FineTuneGui(ScrollingPanel):
     """The controls of the fine-tune panel, top to bottom in the order they are used."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        # fill the dock (napari adds a stretch below a panel that does not want vertical space)
-        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Expanding)
-        root = QVBoxLayout(self)
-        root.setContentsMargins(0, 0, 0, 0)
-        root.setSpacing(4)
-        body = QWidget()
-        outer = QVBoxLayout(body)
-        outer.setContentsMargins(6, 6, 6, 0)
-        self.scroll = VerticalScrollArea(body, min_height=90)
-        root.addWidget(self.scroll, stretch=1)
+        root, outer = self.root, self.body_layout
 
         data_box = QGroupBox("Training data (image + corrected labels)")
         data_layout = QVBoxLayout(data_box)
@@ -141,7 +132,7 @@ class FineTuneGui(QWidget):
         save_row.addWidget(self.target_button)
         tform.addRow("Save to", save_row)
         outer.addWidget(train_box)
-        self.plot = TrainingPlot(body)
+        self.plot = TrainingPlot(self.scroll.widget())
         outer.addWidget(self.plot)
         outer.addStretch(1)
 

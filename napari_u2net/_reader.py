@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from training.io.dicom import is_dicom_file, list_series, read_dicom
-from training.io.volume import Volume, is_nifti, read_image
-
 from training.io.resample import reorient_array
+from training.io.volume import Volume, case_name, is_nifti, read_image
 
 from ._geometry import META_KEY, display_grid, volume_layer_affine
 
@@ -44,14 +43,6 @@ def napari_get_reader(path):
     if p.is_dir():
         return read_volume if _looks_like_dicom_folder(p) else None
     return read_volume if is_nifti(p) or is_dicom_file(p) else None
-
-
-def layer_name(path: str | Path) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def volume_layer_data(volume: Volume, name: str, **kwargs) -> tuple:
@@ -98,4 +89,4 @@ def read_volume(path) -> list[tuple]:
                 volume_layer_data(read_dicom(path, s.uid), f"{path.name} {s.description or s.uid}")
                 for s in series
             ]
-    return [volume_layer_data(read_image(path), layer_name(path))]
+    return [volume_layer_data(read_image(path), case_name(path))]

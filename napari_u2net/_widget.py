@@ -31,6 +31,7 @@ from . import _jobs
 from ._devices import start_device_probe
 from ._geometry import META_KEY, layer_volume, result_geometry, with_leading_axes
 from ._models import ModelChoice, load_model_job, model_choices
+from ._panel import follow_layers
 from ._progress_bar import stage_words
 from ._segment import RunReport, RunRequest, check_case, layer_channels, run_segmentation
 from ._session import session_for
@@ -209,12 +210,7 @@ class DomainSelectorWidget(QWidget):
         g.image_combo.currentIndexChanged.connect(lambda _i: self._on_image_choice())
         g.domain_list.itemChanged.connect(lambda _item: self._update_run_enabled())
 
-        events = self.viewer.layers.events
-        events.inserted.connect(self._on_layers_changed)
-        events.removed.connect(self._on_layers_changed)
-        self.viewer.layers.selection.events.active.connect(self._on_active_layer)
-        for layer in self.viewer.layers:
-            layer.events.name.connect(self._refresh_images)
+        follow_layers(self.viewer, self._refresh_images, self.follow_image)
         self._refresh_images()
         self.warmed_up = False
         self._probe_devices()
@@ -225,20 +221,6 @@ class DomainSelectorWidget(QWidget):
         from napari.layers import Image
 
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
-
-    def _on_layers_changed(self, event=None) -> None:
-        inserted = event.value if event is not None and getattr(event, "type", "") == "inserted" else None
-        if inserted is not None:
-            inserted.events.name.connect(self._refresh_images)
-        self._refresh_images()
-        if inserted is not None:
-            self.follow_image(inserted)  # a newly opened image becomes the one to segment
-
-    def _on_active_layer(self, event=None) -> None:
-        """The user selected a layer in napari's layer list: an image becomes the one to segment."""
-        layer = getattr(event, "value", None) if event is not None else self.viewer.layers.selection.active
-        if layer is not None:
-            self.follow_image(layer)
 
     def follow_image(self, layer) -> bool:
         """Choose ``layer`` in the Image list if it is an image the user opened (not one of our

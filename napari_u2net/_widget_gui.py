@@ -1,6 +1,6 @@
 """Layout of the domain selector: widgets only, no behaviour (that is in ``_widget.py``).
 
-The choices (image, model, domains, run options) sit in a :class:`VerticalScrollArea`; Run/Cancel,
+The choices (image, model, domains, run options) sit in a scroll area (:class:`~._panel.ScrollingPanel`); Run/Cancel,
 the progress bar and the status line stay pinned below it, so they remain visible whatever the
 dock's height (both panels docked in a 1366×768 window: ``tests/test_plugin_layout.py``).
 
@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import importlib.util
 
-from qtpy.QtCore import QEvent, QSize, Qt
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QListWidget,
     QPushButton,
-    QScrollArea,
     QSizePolicy,
     QSpinBox,
     QVBoxLayout,
@@ -35,6 +33,7 @@ from qtpy.QtWidgets import (
 from training.infer.config import BACKENDS, InferenceConfig
 
 from ._devices import device_combo
+from ._panel import ScrollingPanel
 from ._progress_bar import ProgressBar
 
 # Backends that need an optional package: greyed out (with the reason) where it is not installed.
@@ -55,56 +54,12 @@ def backend_combo() -> QComboBox:
     return combo
 
 
-class VerticalScrollArea(QScrollArea):
-    """Scrolls its content vertically only: as wide as the content needs, and as tall as the dock
-    allows (down to ``min_height``), so a dock shares a small screen without pushing the window."""
-
-    def __init__(self, body: QWidget, min_height: int = 80, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.min_height = min_height
-        self.setWidget(body)
-        self.setWidgetResizable(True)
-        self.setFrameShape(QFrame.NoFrame)
-        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Expanding)
-        body.installEventFilter(self)
-
-    def eventFilter(self, obj, event) -> bool:
-        # the content's size hints changed (e.g. a longer model name): let the dock re-read ours,
-        # or the content would be wider than the area and clipped on the right
-        if obj is self.widget() and event.type() == QEvent.LayoutRequest:
-            self.updateGeometry()
-        return super().eventFilter(obj, event)
-
-    def _extra_width(self) -> int:
-        return self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
-
-    def minimumSizeHint(self) -> QSize:
-        return QSize(self.widget().minimumSizeHint().width() + self._extra_width(), self.min_height)
-
-    def sizeHint(self) -> QSize:
-        # at most ~18 lines tall: when a second panel is docked below, napari's window then shares
-        # the height between both instead of leaving the newcomer only its minimum
-        hint = self.widget().sizeHint()
-        height = min(hint.height() + 2 * self.frameWidth(), 18 * self.fontMetrics().lineSpacing())
-        return QSize(hint.width() + self._extra_width(), height)
-
-
-class DomainSelectorGui(QWidget):
+class DomainSelectorGui(ScrollingPanel):
     """The controls of the domain selector, laid out top to bottom in the order they are used."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        # fill the dock (napari adds a stretch below a panel that does not want vertical space)
-        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Expanding)
-        root = QVBoxLayout(self)
-        root.setContentsMargins(0, 0, 0, 0)
-        root.setSpacing(4)
-        body = QWidget()
-        outer = QVBoxLayout(body)
-        outer.setContentsMargins(6, 6, 6, 0)
-        self.scroll = VerticalScrollArea(body, min_height=90)
-        root.addWidget(self.scroll, stretch=1)
+        root, outer = self.root, self.body_layout
 
         form = QFormLayout()
         self.image_combo = QComboBox()

@@ -45,7 +45,7 @@ from training.io.resample import (
     resampled_grid,
     undo_reorient_array,
 )
-from training.io.volume import Volume, label_dtype
+from training.io.volume import Volume, case_name, is_nifti, label_dtype, read_image, write_labels
 
 __all__ = [
     "InferenceConfig",
@@ -287,19 +287,8 @@ def _argmax(channels: Iterable[np.ndarray], shape, dtype) -> np.ndarray:
 
 
 # -- files --------------------------------------------------------------------------------------
-def case_name(path: str | Path) -> str:
-    """``/data/case_001_0000.nii.gz`` → ``case_001_0000``; a DICOM folder → its name."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def output_paths(output: str | Path, images: list, domains: list[str]) -> dict[str, Path]:
     """Where each domain's labels go: OUT itself (a .nii/.nii.gz, one domain) or OUT/<case>_<domain>.nii.gz."""
-    from training.io.volume import is_nifti
-
     output = Path(output)
     if is_nifti(output):
         if len(domains) != 1:
@@ -330,7 +319,6 @@ def predict_files(
     written unless every domain succeeded.
     """
     from training.io.atomic import check_writable
-    from training.io.volume import read_image, write_labels
     from training.model.modelfile import Model, load_model
     from training.model.registry import resolve_model
 

@@ -79,6 +79,15 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def case_name(path: str | Path) -> str:
+    """``/data/case_001_0000.nii.gz`` → ``case_001_0000``; a DICOM folder → its name."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 # -- reading ------------------------------------------------------------------------------------
 def read_nifti(path: str | Path) -> Volume:
     """Read a 3D or 4D NIfTI file; a 4th axis becomes channels (the MSD multi-modal layout)."""
