@@ -7,7 +7,6 @@ they remain visible when the panel shares a small screen with the domain selecto
 
 from __future__ import annotations
 
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -28,7 +27,6 @@ from qtpy.QtWidgets import (
 from ._devices import device_combo
 from ._panel import ScrollingPanel
 from ._plot import TrainingPlot
-from ._progress_bar import ProgressBar
 
 
 class PairRow(QWidget):
@@ -59,7 +57,7 @@ class FineTuneGui(ScrollingPanel):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        root, outer = self.root, self.body_layout
+        outer = self.body_layout
 
         data_box = QGroupBox("Training data (image + corrected labels)")
         data_layout = QVBoxLayout(data_box)
@@ -136,29 +134,9 @@ class FineTuneGui(ScrollingPanel):
         outer.addWidget(self.plot)
         outer.addStretch(1)
 
-        footer = QVBoxLayout()  # pinned below the scroll area: always visible
-        footer.setContentsMargins(6, 0, 6, 6)
-        root.addLayout(footer)
-        buttons = QHBoxLayout()
-        self.train_button = QPushButton("Train")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setEnabled(False)
-        buttons.addWidget(self.train_button)
-        buttons.addWidget(self.stop_button)
-        footer.addLayout(buttons)
-        self.progress_bar = ProgressBar()
-        self.progress_bar.setRange(0, 1000)
-        self.progress_bar.setValue(0)  # (a bar without a value shows no text)
-        self.progress_bar.setFormat("idle")
-        self.progress_bar.setTextVisible(True)
-        footer.addWidget(self.progress_bar)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        # room for three lines from the start: a longer message then does not resize the dock (and
-        # with it napari's canvas, a full repaint) at the Train click
-        self.status_label.setMinimumHeight(3 * self.status_label.fontMetrics().lineSpacing())
-        self.status_label.setAlignment(Qt.AlignLeft | Qt.AlignTop)
-        footer.addWidget(self.status_label)
+        self.train_button, self.stop_button, self.progress_bar, self.status_label = self.add_footer(
+            "Train", "Stop", status_lines=3
+        )
 
     def show_plot(self) -> None:
         """Scroll the live plot into view (training started: the settings above are locked)."""

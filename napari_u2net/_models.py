@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,6 @@ from training.errors import InputError, U2NetError
 
 log = logging.getLogger(__name__)
 
-# Building torch modules in two threads at once was seen to stall for minutes: one load at a time.
-_LOAD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -76,7 +73,9 @@ def load_model_cpu(model_dir: Path):
     """Load every adapter of a model directory on the CPU (inference moves it to its device)."""
     from training.model.modelfile import load_model
 
-    with _LOAD_LOCK:
+    from ._warmup import TORCH_LOCK
+
+    with TORCH_LOCK:
         return load_model(model_dir, "cpu")
 
 

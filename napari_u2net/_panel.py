@@ -6,7 +6,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from qtpy.QtCore import QEvent, QSize, Qt
-from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 
 class VerticalScrollArea(QScrollArea):
@@ -45,8 +54,8 @@ class VerticalScrollArea(QScrollArea):
 
 
 class ScrollingPanel(QWidget):
-    """A panel whose settings (``body_layout``) scroll, while what is added to ``root`` after them
-    (buttons, progress, status) stays visible whatever the dock's height."""
+    """A panel whose settings (``body_layout``) scroll, while its footer (:meth:`add_footer`: start
+    and stop buttons, progress bar, status line) stays visible whatever the dock's height."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -60,6 +69,37 @@ class ScrollingPanel(QWidget):
         self.body_layout.setContentsMargins(6, 6, 6, 0)
         self.scroll = VerticalScrollArea(body, min_height=90)
         self.root.addWidget(self.scroll, stretch=1)
+
+
+    def add_footer(self, start: str, stop: str, status_lines: int) -> tuple:
+        """Pin (start button, stop button, progress bar, status label) below the scroll area.
+
+        The status line has room for ``status_lines`` lines from the start, so that a longer
+        message never resizes the dock (and with it napari's canvas: a full repaint)."""
+        from ._progress_bar import ProgressBar
+
+        footer = QVBoxLayout()
+        footer.setContentsMargins(6, 0, 6, 6)
+        self.root.addLayout(footer)
+        buttons = QHBoxLayout()
+        start_button, stop_button = QPushButton(start), QPushButton(stop)
+        stop_button.setEnabled(False)
+        buttons.addWidget(start_button)
+        buttons.addWidget(stop_button)
+        footer.addLayout(buttons)
+        bar = ProgressBar()
+        bar.setRange(0, 1000)
+        bar.setValue(0)  # (a bar without a value shows no text)
+        bar.setTextVisible(True)
+        bar.setFormat("idle")
+        footer.addWidget(bar)
+        status = QLabel("")
+        status.setWordWrap(True)
+        status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        status.setMinimumHeight(status_lines * status.fontMetrics().lineSpacing())
+        status.setAlignment(Qt.AlignLeft | Qt.AlignTop)
+        footer.addWidget(status)
+        return start_button, stop_button, bar, status
 
 
 def follow_layers(viewer, refresh: Callable[[], None], follow: Callable[[object], bool]) -> None:

@@ -4,10 +4,17 @@ first run would otherwise import mid-run (no Qt here; :mod:`._devices` starts it
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+# Importing torch (and building torch modules) in two threads at once breaks or stalls it: seen as
+# "operator _c10d_functional::_wrap_tensor_autograd does not exist" when both panels opened
+# together, and as minutes-long stalls when two models loaded at once. Every background job that
+# imports torch or builds a network takes this lock first.
+TORCH_LOCK = threading.Lock()
 
 
 def available_devices() -> dict[str, bool]:
@@ -63,9 +70,10 @@ def warm_up(kind: str = "inference") -> None:
 
 def probe_and_warm(kind: str = "inference") -> dict[str, bool]:
     """:func:`available_devices`, then :func:`warm_up` (one background job when a panel opens)."""
-    devices = available_devices()
-    try:
-        warm_up(kind)
-    except Exception as e:  # only a speed-up: the run itself reports real problems
-        log.warning("warm-up imports failed: %s", e)
+    with TORCH_LOCK:
+        devices = available_devices()
+        try:
+            warm_up(kind)
+        except Exception as e:  # only a speed-up: the run itself reports real problems
+            log.warning("warm-up imports failed: %s", e)
     return devices

@@ -34,7 +34,6 @@ from training.infer.config import BACKENDS, InferenceConfig
 
 from ._devices import device_combo
 from ._panel import ScrollingPanel
-from ._progress_bar import ProgressBar
 
 # Backends that need an optional package: greyed out (with the reason) where it is not installed.
 BACKEND_PACKAGES = {"openvino": ("openvino", "pip install napari-u2net[openvino]")}
@@ -59,7 +58,7 @@ class DomainSelectorGui(ScrollingPanel):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        root, outer = self.root, self.body_layout
+        outer = self.body_layout
 
         form = QFormLayout()
         self.image_combo = QComboBox()
@@ -119,30 +118,9 @@ class DomainSelectorGui(ScrollingPanel):
         options.addRow("", self.amp_check)
         outer.addLayout(options)
 
-        footer = QVBoxLayout()  # pinned below the scroll area: always visible
-        footer.setContentsMargins(6, 0, 6, 6)
-        root.addLayout(footer)
-        buttons = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        footer.addLayout(buttons)
-
-        self.progress_bar = ProgressBar()
-        self.progress_bar.setRange(0, 1000)
-        self.progress_bar.setValue(0)
-        self.progress_bar.setTextVisible(True)
-        self.progress_bar.setFormat("idle")
-        footer.addWidget(self.progress_bar)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        self.status_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        # two lines from the start: a message then does not resize the dock (and napari's canvas)
-        self.status_label.setMinimumHeight(2 * self.status_label.fontMetrics().lineSpacing())
-        self.status_label.setAlignment(Qt.AlignLeft | Qt.AlignTop)
-        footer.addWidget(self.status_label)
+        self.run_button, self.cancel_button, self.progress_bar, self.status_label = self.add_footer(
+            "Run", "Cancel", status_lines=2
+        )
 
     def set_running(self, running: bool) -> None:
         """Lock the inputs while a job runs; only Cancel stays live."""
