@@ -14,7 +14,7 @@ from ._geometry import META_KEY, to_napari_affine
 from ._reader import volume_layer_data
 
 SYNTHETIC_SEED = 20240  # fixed: the sample is the same volume every time
-SAMPLE_DOMAIN = "spleen-ct"  # a CT domain of the bundled model (training/default_model.py)
+SAMPLE_DOMAIN = "spleen-ct"  # a CT domain of the bundled model (scripts/default_model.py)
 
 
 def _labels_layer(labels: np.ndarray, volume, name: str, class_names=None, colors=None) -> tuple:
