@@ -176,8 +176,8 @@ def test_unwritable_places_are_named(tmp_path):
         check_writable(tmp_path)
     with pytest.raises(InputError, match="file name is too long"):
         check_writable(tmp_path / ("x" * 300 + ".nii.gz"))
-    check_writable(tmp_path / "new" / "out.nii.gz")  # a missing folder is created, nothing is left
-    assert list((tmp_path / "new").iterdir()) == []
+    check_writable(tmp_path / "new" / "deeper" / "out.nii.gz")  # missing folders are tried, then removed
+    assert not (tmp_path / "new").exists()
 
 
 def test_overwrite_false_never_replaces_an_existing_file(tmp_path):

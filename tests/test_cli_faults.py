@@ -68,3 +68,15 @@ def test_u2net_home_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("U2NET_HOME", str(tmp_path / "home"))
     assert main(["info"]) == 2
     assert "U2NET_HOME=" in _one_error_line(capsys, "info")
+
+
+def test_evaluate_with_other_classes_warns_with_both_lists(tmp_path, capsys, model_dir):
+    """A domain whose classes are not the dataset's would score 0.000 without a word."""
+    assert main(["synth", str(tmp_path / "hippo"), "--domain", "hippocampus-mr", "--cases", "2", "--seed", "3",
+                 "--size-scale", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "hippo"), "--domain", "ct", "--model", str(model_dir), "--limit", "1",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "differ from the dataset's" in err
+    assert "background, class1" in err and "anterior" in err

@@ -26,11 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
+    import warnings
 
     from training.data.datasets import load_dataset, load_split
     from training.model.modelfile import load_model
     from training.model.registry import resolve_model
-    from training.train.evaluation import evaluate_dataset
+    from training.train.evaluation import class_mismatch, evaluate_dataset
 
     model = load_model(resolve_model(args.model))
     case_ids = None
@@ -43,8 +45,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{case['case']:<24} " + "  ".join(f"{n}={v:.3f}" for n, v in case["dice"].items()), flush=True)
 
-    summary = evaluate_dataset(model, args.dataset, args.domain, device=args.device, case_ids=case_ids,
-                               limit=args.limit, on_case=show)
+    dataset = load_dataset(args.dataset)
+    if args.domain in model.adapters:  # said before the work, as one line (not as a Python warning)
+        mismatch = class_mismatch(model.meta(args.domain).class_names, dataset.class_names)
+        if mismatch:
+            print(f"u2net evaluate: warning: {args.dataset}: {mismatch}", file=sys.stderr, flush=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*differ from the dataset's")
+        summary = evaluate_dataset(model, args.dataset, args.domain, device=args.device, case_ids=case_ids,
+                                   limit=args.limit, on_case=show)
     summary.pop("per_case")
     if not args.json:
         print("mean " + "  ".join(f"{n}={v:.3f}" for n, v in summary["mean_dice_per_class"].items()))

@@ -95,15 +95,21 @@ def _process_alive(pid: int) -> bool:
 
 
 def check_writable(path: Path) -> None:
-    """Raise :class:`InputError` now if ``path`` cannot be written (before any long work):
-    creates the folder and a temporary file there, then removes it."""
+    """Raise :class:`InputError` now if ``path`` cannot be written (before any long work): makes
+    the missing folders and a temporary file there, then removes them all (a refusal that comes
+    later, e.g. for a bad dataset, leaves nothing behind)."""
     path = Path(path)
     try:
         if path.is_dir():
             raise InputError(f"{path}: is a folder; give a file name")
+        created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _temporary(path, suffix=".tmp"):
-            pass
+        try:
+            with _temporary(path, suffix=".tmp"):
+                pass
+        finally:
+            for d in created:  # innermost first
+                d.rmdir()
     except OSError as e:
         raise cannot_write(path, e) from None
 

@@ -7,12 +7,25 @@ Used by ``u2net evaluate`` and by the default model's recipe.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from training.errors import InputError
+
+
+def class_mismatch(model_classes: list[str], dataset_classes: list[str]) -> str:
+    """Why Dice against this dataset's labels would mean little ("" when the classes agree):
+    label value k must mean the same structure in the model and in the dataset."""
+    if [c.lower() for c in model_classes] == [c.lower() for c in dataset_classes]:
+        return ""
+    return (
+        f"the domain's classes ({', '.join(model_classes)}) differ from the dataset's "
+        f"({', '.join(dataset_classes)}); label values are compared as they are, so Dice may be 0 "
+        "or meaningless: evaluate a domain made for these labels"
+    )
 
 
 def evaluate_dataset(
@@ -43,6 +56,9 @@ def evaluate_dataset(
     if not cases:
         raise InputError(f"{dataset_dir}: no labelled case to evaluate")
     names = meta.class_names[1:]
+    mismatch = class_mismatch(meta.class_names, ds.class_names)
+    if mismatch:
+        warnings.warn(f"{dataset_dir}: {mismatch}", stacklevel=2)
     config = InferenceConfig(device=device)
     per_case = []
     for case in cases:
@@ -57,6 +73,7 @@ def evaluate_dataset(
     return {
         "dataset": str(dataset_dir),
         "domain": domain,
+        "class_mismatch": mismatch,
         "cases": len(per_case),
         "per_case": per_case,
         "mean_dice_per_class": mean_per_class,
