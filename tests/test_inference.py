@@ -449,6 +449,7 @@ def _bad_volumes():
         "2D image": (Volume(good[:, :1], np.eye(4)), "ct", "2D"),
         "NaN voxel": (Volume(nan, np.eye(4)), "ct", "NaN"),
         "infinite voxel": (Volume(inf, np.eye(4)), "ct", "infinite"),
+        "values beyond float32": (Volume(good.astype(np.float64) * 1e40, np.eye(4)), "ct", "beyond the 32-bit"),
         "blank image": (Volume(np.full((1, 12, 30, 20), 7, dtype=np.int16), np.eye(4)), "ct",
                         "blank \\(every voxel is 7\\); there is nothing to segment"),
         "time series": (Volume(np.concatenate([good, good]), np.eye(4)), "ct", "time series"),

@@ -185,3 +185,12 @@ def test_inputs_that_cannot_be_opened_say_why(tmp_path):
             read_image(tmp_path / name)
     with pytest.raises(InputError, match="no such file or folder"):
         read_image(tmp_path / "gone.nii.gz")
+
+
+def test_zscore_does_not_overflow_on_a_scaled_image():
+    """A float32 image scaled by 1e20 (squares overflow float32) normalises like the original."""
+    x = np.random.default_rng(0).normal(100, 20, (1, 6, 7, 8)).astype(np.float32)
+    ref = normalize(x, [{"scheme": "zscore"}])
+    with np.errstate(over="raise"):
+        scaled = normalize(x * np.float32(1e20), [{"scheme": "zscore"}])
+    np.testing.assert_allclose(scaled, ref, atol=1e-4)

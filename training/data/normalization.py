@@ -31,7 +31,8 @@ def normalize_channel(x: np.ndarray, spec: dict) -> np.ndarray:
     if scheme == "zscore":
         mask = x != 0 if spec.get("nonzero") else None
         values = x[mask] if mask is not None and mask.any() else x
-        mean, std = float(values.mean()), float(values.std())
+        # float64 statistics: float32 squares overflow for values beyond ~1e19 (a scaled image)
+        mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
         out = (x - mean) / max(std, 1e-6)  # a constant image becomes zeros, not NaN
         if mask is not None:
             out[~mask] = 0

@@ -58,6 +58,9 @@ __all__ = [
 ]
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 # -- validation ---------------------------------------------------------------------------------
 def validate_input(model, volume: Volume, domains: list[str]) -> None:
     """Raise :class:`InputError` for anything that would make the result meaningless."""
@@ -93,6 +96,11 @@ def validate_input(model, volume: Volume, domains: list[str]) -> None:
         low, high = channel.min(), channel.max()
         if low == high:
             raise InputError(f"{where}{which} is blank (every voxel is {low}); there is nothing to segment")
+        if max(abs(float(low)), abs(float(high))) > FLOAT32_MAX:
+            raise InputError(
+                f"{where}{which} has values up to {max(abs(float(low)), abs(float(high))):.3g}, beyond the 32-bit "
+                "floats the network computes in (a NIfTI scl_slope like 1e38?); fix the file's scaling first"
+            )
     try:
         canonical_orientation(volume.affine)
     except ValueError as e:
