@@ -45,8 +45,8 @@ def prepare_labels(labels: np.ndarray, name: str, only_labelled_slices: bool) ->
     top = int(labels.max()) if labels.size else 0
     if top >= IGNORE_INDEX:
         raise InputError(
-            f"labels layer {name!r} uses label {top}: at most 254 classes can be trained (255 marks "
-            "unlabelled voxels); renumber the labels 1, 2, … or split the structures into several domains"
+            f"labels layer {name!r} uses label {top}: at most {IGNORE_INDEX - 1} classes can be trained "
+            f"({IGNORE_INDEX} marks unlabelled voxels); renumber the labels 1, 2, … or split the structures into several domains"
         )
     if int(labels.min()) < 0:
         raise InputError(f"labels layer {name!r} has negative labels; use 0 for background and 1, 2, … for structures")
