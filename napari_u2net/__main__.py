@@ -9,6 +9,11 @@ import os
 import sys
 
 PLUGIN = "napari-u2net"
+# The reader's file patterns (napari.yaml). napari's built-in reader claims every file too, so
+# without a preference napari asks which reader to use on every open (and its reader loses the
+# geometry: identity affine). A DICOM folder cannot be preferred: napari keeps folder preferences
+# per absolute folder path only (a pattern for every folder would take zarr folders too).
+READER_PATTERNS = ("*.nii", "*.nii.gz", "*.dcm", "*.DCM")
 
 
 def has_display() -> bool:
@@ -17,6 +22,39 @@ def has_display() -> bool:
     if os.environ.get("QT_QPA_PLATFORM", "") not in ("", "xcb", "wayland"):
         return True
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def prefer_reader() -> list[str]:
+    """Make this plugin napari's reader for NIfTI and DICOM files (no "choose reader" prompt),
+    for each pattern for which the user has no preference yet: one set to another plugin (say
+    ``*.gz`` or ``*.nii`` → napari) is kept. Returns the patterns set now."""
+    try:
+        from napari.plugins.utils import get_preferred_reader
+        from napari.settings import get_settings
+    except ImportError:  # napari not installed: nothing to prefer
+        return []
+    plugins = get_settings().plugins
+    prefs = dict(plugins.extension2reader)
+    added = []
+    for pattern in READER_PATTERNS:
+        example = os.path.join(os.sep, "u2net-example", "scan" + pattern[1:])  # a file it matches
+        if get_preferred_reader(example) is None:
+            prefs[pattern] = PLUGIN
+            added.append(pattern)
+    if added:
+        plugins.extension2reader = prefs
+    return added
+
+
+def on_activate(_context=None) -> None:
+    """npe2 calls this once per session when one of the plugin's contributions (widget, reader,
+    sample, writer) is first used: from then on NIfTI/DICOM files open with this plugin."""
+    try:
+        prefer_reader()
+    except Exception:  # a settings problem must never stop the plugin from loading
+        import logging
+
+        logging.getLogger(__name__).warning("could not set napari's reader preference", exc_info=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     import napari
 
     from ._geometry import radiological_view
+    from ._reader import WORLD_AXES
 
+    prefer_reader()  # .nii / .nii.gz / .dcm open with this plugin, no "choose reader" dialog
     viewer = napari.Viewer(title="napari-u2net")
     radiological_view(viewer)
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Domain selector")
@@ -40,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         from napari.utils.notifications import show_warning
 
         show_warning(f"could not open the synthetic CT sample ({e})")
+    if viewer.dims.ndim == 3:  # the sample's layers name them too; an empty viewer keeps napari's
+        viewer.dims.axis_labels = WORLD_AXES
     if os.environ.get("U2NET_SMOKE"):  # `U2NET_SMOKE=1 xvfb-run -a make run`: open, then quit
         from qtpy.QtCore import QTimer
 

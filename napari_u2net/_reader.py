@@ -22,6 +22,35 @@ from training.io.volume import Volume, case_name, is_nifti, read_image
 
 from ._geometry import META_KEY, display_grid, volume_layer_affine
 
+# CT window presets, (width, level) in HU, as radiologists read CT; shown as contrast limits
+# (level − width/2, level + width/2). A CT opens with the soft-tissue window.
+CT_WINDOWS = {
+    "soft tissue": (400.0, 40.0),
+    "lung": (1500.0, -600.0),
+    "bone": (2000.0, 300.0),
+    "brain": (80.0, 40.0),
+}
+DEFAULT_CT_WINDOW = "soft tissue"
+WORLD_AXES = ("S", "A", "R")  # napari's world axes for our layers: superior, anterior, right (mm)
+
+
+def window_limits(name: str) -> tuple[float, float]:
+    """The contrast limits of a CT window preset: (level − width/2, level + width/2)."""
+    width, level = CT_WINDOWS[name]
+    return (level - width / 2, level + width / 2)
+
+
+def volume_modality(volume: Volume) -> str | None:
+    """"CT" or "MR" from the volume's DICOM Modality when it has one, else from its values
+    (air in HU: CT); None when neither tells."""
+    from training.model.domain_match import guess_modality
+
+    for key in ("modality", "Modality"):
+        value = str(volume.meta.get(key) or "").upper()
+        if value in ("CT", "MR"):
+            return value
+    return guess_modality(volume.data) if volume.channels == 1 else None
+
 
 def _looks_like_dicom_folder(path: Path) -> bool:
     """A folder with a DICOM file among its first files (by suffix or the ``DICM`` marker)."""
@@ -65,6 +94,12 @@ def volume_layer_data(volume: Volume, name: str, **kwargs) -> tuple:
         "spacing": [float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))],
         "info": dict(volume.meta),
     }
+    modality = volume_modality(volume)
+    if modality is not None:
+        meta["modality"] = modality
+    if modality == "CT" and volume.channels == 1 and "contrast_limits" not in kwargs:
+        kwargs["contrast_limits"] = window_limits(DEFAULT_CT_WINDOW)  # not the full −1024…3000 range
+        meta["window"] = DEFAULT_CT_WINDOW
     attrs = {
         "name": name,
         "affine": volume_layer_affine(affine, volume.channels),
@@ -72,8 +107,9 @@ def volume_layer_data(volume: Volume, name: str, **kwargs) -> tuple:
         "units": "mm",
         **kwargs,
     }
-    if volume.channels > 1:
-        attrs["axis_labels"] = ("modality", "d0", "d1", "d2")
+    # the world axes are anatomical (napari has no orientation markers: the axis names, shown on
+    # the slider and by the axes overlay, are the cheap, always-right hint)
+    attrs["axis_labels"] = WORLD_AXES if volume.channels == 1 else ("modality", *WORLD_AXES)
     return (data, attrs, "image")
 
 

@@ -11,10 +11,23 @@ import numpy as np
 from training.errors import InputError
 
 from ._geometry import META_KEY, to_napari_affine
-from ._reader import volume_layer_data
+from ._reader import WORLD_AXES, volume_layer_data
 
 SYNTHETIC_SEED = 20240  # fixed: the sample is the same volume every time
 SAMPLE_DOMAIN = "spleen-ct"  # a CT domain of the bundled model (scripts/default_model.py)
+
+
+# Ground truth (reference) labels are drawn in these colours, never in a domain's class colours,
+# so the truth and a segmentation result laid over it tell apart at a glance (issue #16).
+REFERENCE_COLORS = ("#ffe119", "#00ffff", "#ff00ff", "#ffffff", "#bfef45", "#fabed4", "#f58231")
+
+
+def reference_colors(class_colors) -> list[str]:
+    """Colours for a reference (ground truth) labels layer with ``class_colors``' classes: the
+    background transparent, each class a reference colour the domain does not use."""
+    used = {str(c).lower() for c in class_colors}
+    free = [c for c in REFERENCE_COLORS if c not in used]
+    return [class_colors[0]] + [free[(i - 1) % len(free)] for i in range(1, len(class_colors))]
 
 
 def _labels_layer(labels: np.ndarray, volume, name: str, class_names=None, colors=None) -> tuple:
@@ -22,6 +35,7 @@ def _labels_layer(labels: np.ndarray, volume, name: str, class_names=None, color
         "name": name,
         "affine": to_napari_affine(volume.affine),
         "units": "mm",
+        "axis_labels": WORLD_AXES,
         "opacity": 0.4,
         "visible": True,
         "metadata": {
@@ -77,7 +91,8 @@ def synthetic_ct() -> list[tuple]:
     volume, labels = generate_case(domain, SYNTHETIC_SEED)
     names, colors = _domain_classes(domain)
     image = volume_layer_data(volume, "synthetic CT", colormap="gray")
-    truth = _labels_layer(labels, volume, f"synthetic CT {domain} truth", names, colors)
+    truth = _labels_layer(labels, volume, f"synthetic CT {domain} truth", names, reference_colors(colors))
+    truth[1]["metadata"][META_KEY]["reference"] = True
     return _named_for(domain, [image, truth])
 
 
@@ -89,5 +104,6 @@ def mni152_t1() -> list[tuple]:
         raise InputError("the MNI152 sample needs nilearn: pip install nilearn (or napari-u2net[nilearn])")
     volume, labels = load_mni152(resolution_mm=2.0)
     image = volume_layer_data(volume, "MNI152 T1", colormap="gray")
-    truth = _labels_layer(labels, volume, "MNI152 tissue ground truth", CLASS_NAMES, CLASS_COLORS)
+    truth = _labels_layer(labels, volume, "MNI152 tissue ground truth", CLASS_NAMES, reference_colors(CLASS_COLORS))
+    truth[1]["metadata"][META_KEY]["reference"] = True
     return _named_for(DOMAIN, [image, truth])

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QVBoxLayout, QWidget
 
 from training.errors import InputError
 from training.infer.config import InferenceConfig, validate_config
-from training.model.domain_match import guess_modality, suggest_domain
+from training.model.domain_match import BLANK, UNKNOWN, pick_domain, read_values
 
 from . import _jobs
 from ._devices import start_device_probe
@@ -199,6 +199,10 @@ class DomainSelectorWidget(QWidget):
         self._choices: list[ModelChoice] = []
         self._pending_domains: list[str] | None = None
         self.hint_jobs = 0  # modality guesses running (tests and benchmarks wait for 0)
+        self._window_image = None  # the image the CT window presets are enabled for
+        self._ticking = False  # the widget itself is ticking domains (not the user)
+        self._auto_ticked = True  # the ticked domains are the widget's suggestion, not the user's
+        self._user_ticks = 0  # how many times the user changed the ticks (a late guess never undoes them)
         self.session = session_for(napari_viewer)
         self.session.domain_added.connect(self._on_domain_added)
 
@@ -208,7 +212,8 @@ class DomainSelectorWidget(QWidget):
         g.folder_button.clicked.connect(self._choose_folder)
         g.model_combo.currentIndexChanged.connect(self._on_model_choice)
         g.image_combo.currentIndexChanged.connect(lambda _i: self._on_image_choice())
-        g.domain_list.itemChanged.connect(lambda _item: self._update_run_enabled())
+        g.window_combo.activated.connect(lambda _i: self._apply_window())
+        g.domain_list.itemChanged.connect(lambda _item: self._on_ticks_changed())
 
         follow_layers(self.viewer, self._refresh_images, self.follow_image)
         self._refresh_images()
@@ -257,38 +262,80 @@ class DomainSelectorWidget(QWidget):
             self._update_run_enabled()
 
     def _on_image_choice(self) -> None:
-        """Another image: if no ticked domain can run on it, tick the one that fits it best; first
-        from its metadata and shape, then (from a worker reading its values) its modality."""
+        """Another image: if the ticked domains are ours (or none can run on it), tick the one that
+        fits it (see :func:`~training.model.domain_match.pick_domain`), first from its metadata and
+        shape, then (from a worker reading its values) its modality; or none, saying why."""
         self._update_run_enabled()
+        self._show_window()
         if self.model is None:
             return
         hint = self._image_hint()
-        self._apply_hint(hint)
+        self._apply_hint(hint, new_image=True)
         self._guess_modality(hint)
 
-    def _apply_hint(self, hint: tuple[str | None, int, str | None]) -> None:
-        if hint[1] and not any(self._fits(d, hint) for d in self.checked_domains()):
-            self.set_checked_domains(self._suggested_domains(hint))
+    def _on_ticks_changed(self) -> None:
+        if not self._ticking:  # the user's choice: kept while it can run on the image
+            self._auto_ticked = False
+            self._user_ticks += 1
+        self._update_run_enabled()
+
+    def _tick(self, names: list[str]) -> None:
+        """Tick ``names`` as the widget's own suggestion (re-picked for the next image)."""
+        self._ticking = True
+        try:
+            self.set_checked_domains(names)
+        finally:
+            self._ticking = False
+        self._auto_ticked = True
+
+    def _apply_hint(self, hint: tuple[str | None, int, str | None], new_image: bool = False) -> None:
+        """Tick the domain that fits ``hint`` (or none, with the reason in the status line) unless
+        the user ticked domains that can run on the image; an image that names its domain gets it."""
+        if not hint[1]:
+            return
+        ticked = self.checked_domains()
+        user_fits = not self._auto_ticked and any(self._fits(d, hint) for d in ticked)
+        if user_fits or (self._auto_ticked and not new_image and any(self._fits(d, hint) for d in ticked)):
+            return
+        pick = self._pick(hint)
+        if pick.domain is None and ticked and not self._auto_ticked and hint[2] is not None:
+            # the user's own choice does not look right, but nothing better is known: keep it, say so
+            why = pick.reason.removeprefix("No domain ticked: ")
+            self._say(f"Kept your choice ({', '.join(ticked)}), though it may not fit this image: {why}")
+            return
+        if pick.domain is None and ticked and not self._auto_ticked:
+            return  # values not read yet: wait for them before undoing the user's choice
+        self._tick([pick.domain] if pick.domain else [])
+        self._say(pick.reason)
+
+    def _say(self, text: str) -> None:
+        if text and self.worker is None:
+            self.gui.status_label.setText(text)
 
     def _guess_modality(self, hint: tuple[str | None, int, str | None]) -> None:
         """Read a sample of the image's values in a worker (a lazy array would block the GUI
-        otherwise); when the image is still the chosen one, tick by the modality they suggest."""
+        otherwise); when the image is still the chosen one and the user has not ticked domains
+        meanwhile, tick by what they suggest (CT, MR, blank, unknown)."""
         image = self.image_layer()
         if image is None or not hint[1] or hint[0] in self.model.adapters:
             return  # nothing to guess for, or the image names its domain
+        user_ticks = self._user_ticks
 
-        def done(modality) -> None:
-            if modality is not None and image is self.image_layer() and self.model is not None:
-                self._apply_hint((hint[0], hint[1], modality))
+        def done(values) -> None:
+            if image is not self.image_layer():
+                return
+            self._show_window(values)
+            if self.model is not None and user_ticks == self._user_ticks:
+                self._apply_hint((hint[0], hint[1], values))
 
         def finished() -> None:
             self.hint_jobs -= 1
 
         self.hint_jobs += 1
-        _jobs.start(guess_modality, image.data, on_done=done, on_finished=finished, owner=self)
+        _jobs.start(read_values, image.data, on_done=done, on_finished=finished, owner=self)
 
     def _image_hint(self) -> tuple[str | None, int, str | None]:
-        """(domain named in the image's metadata, its number of volumes, None: modality unknown yet);
+        """(domain named in the image's metadata, its number of volumes, None: values not read yet);
         0 volumes when there is no 3D/4D image. Metadata and shape only: no data is read."""
         image = self.image_layer()
         if image is None or image.data.ndim not in (3, 4):
@@ -297,23 +344,62 @@ class DomainSelectorWidget(QWidget):
         return meta.get("domain"), layer_channels(image.data), None
 
     def _fits(self, domain: str, hint: tuple[str | None, int, str | None]) -> bool:
-        named, channels, modality = hint
+        """Whether a ticked ``domain`` can stay for the image: the one it names, else one taking its
+        number of volumes and, once its values are read, not of another modality."""
+        named, channels, values = hint
         if named in self.model.adapters:
             return domain == named
         meta = self.model.meta(domain)
-        return meta.in_channels == channels and modality in (None, meta.modality)
+        return meta.in_channels == channels and values in (None, UNKNOWN, BLANK, meta.modality)
+
+    def _pick(self, hint: tuple[str | None, int, str | None]):
+        named, channels, values = hint
+        candidates = [(n, m.modality, m.in_channels) for n, m in self.model.adapters.items()]
+        return pick_domain(candidates, channels, values, named)
 
     def _suggested_domains(self, hint: tuple[str | None, int, str | None] | None = None) -> list[str]:
-        """The domain to pre-tick: the one the image names (our samples do), else one that takes
-        its number of volumes and, once its values told, its modality (CT: air in HU)."""
-        named, channels, modality = hint or self._image_hint()
-        if named in self.model.adapters:
-            return [named]
-        if not channels:
-            return []
-        candidates = ((n, m.modality, m.in_channels) for n, m in self.model.adapters.items())
-        best = suggest_domain(candidates, channels, modality)
-        return [best] if best else []
+        """The domain to pre-tick (none when nothing fits for sure): the one the image names (our
+        samples do), else the only one taking its number of volumes and, once its values are read,
+        its modality (CT: air in HU)."""
+        pick = self._pick(hint or self._image_hint())
+        return [pick.domain] if pick.domain else []
+
+    # -- CT window ---------------------------------------------------------------------------------
+    def _show_window(self, values: str | None = None) -> None:
+        """Enable the CT window presets for a CT image (its metadata or, once read, its values say
+        so) and show the preset its contrast limits are, if any."""
+        from ._reader import CT_WINDOWS, window_limits
+
+        combo = self.gui.window_combo
+        image = self.image_layer()
+        meta = image.metadata.get(META_KEY, {}) if image is not None and isinstance(image.metadata, dict) else {}
+        is_ct = image is not None and image.data.ndim == 3 and (
+            values == "CT" or (isinstance(meta, dict) and meta.get("modality") == "CT")
+        )
+        if values is None and not is_ct and combo.isEnabled() and image is self._window_image:
+            return  # already enabled for this image by its values
+        self._window_image = image if is_ct else None
+        combo.setEnabled(is_ct)
+        index = 0
+        if is_ct:
+            low, high = (float(v) for v in image.contrast_limits)
+            for i, name in enumerate(CT_WINDOWS, start=1):
+                if np.allclose((low, high), window_limits(name), atol=0.5):
+                    index = i
+        combo.setCurrentIndex(index)
+
+    def _apply_window(self) -> None:
+        """The chosen CT window preset becomes the image's contrast limits (level ± width/2)."""
+        from ._reader import window_limits
+
+        name = self.gui.window_combo.currentData()
+        image = self.image_layer()
+        if name is None or image is None:
+            return
+        low, high = window_limits(name)
+        lo_range, hi_range = image.contrast_limits_range
+        image.contrast_limits_range = (min(lo_range, low), max(hi_range, high))
+        image.contrast_limits = (low, high)
 
     def image_layer(self):
         name = self.gui.image_combo.currentText()
@@ -471,21 +557,28 @@ class DomainSelectorWidget(QWidget):
         self._notify(level, f"cannot use this model: {text}")
 
     def _fill_domains(self, check: list[str] | None = None) -> None:
+        """List the model's domains, ticking ``check`` (a fine-tuned domain) or the one that fits
+        the image; none when nothing fits for sure (the status line says why)."""
         lst = self.gui.domain_list
-        check = check or self._suggested_domains()
+        pick = None if check else self._pick(self._image_hint())
+        check = check or ([pick.domain] if pick.domain else [])
+        self._ticking = True
         lst.blockSignals(True)
         lst.clear()
-        for i, (name, meta) in enumerate(self.model.adapters.items()):
+        for name, meta in self.model.adapters.items():
             classes = ", ".join(meta.class_names[1:]) or "—"
             mods = ", ".join(meta.modalities)
             item = QListWidgetItem(f"{name}  ·  {meta.modality}, {meta.in_channels} input(s)\n    {classes}")
             item.setData(Qt.UserRole, name)
             item.setToolTip(f"{meta.description or name}\nmodalities: {mods}\nclasses: {classes}")
             item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-            ticked = (name in check) if check else i == 0
-            item.setCheckState(Qt.Checked if ticked else Qt.Unchecked)
+            item.setCheckState(Qt.Checked if name in check else Qt.Unchecked)
             lst.addItem(item)
         lst.blockSignals(False)
+        self._ticking = False
+        self._auto_ticked = pick is not None  # a domain asked for (fine-tuned) is kept like the user's
+        if pick is not None:
+            self._say(pick.reason)
         self._update_run_enabled()
 
     def checked_domains(self) -> list[str]:

@@ -53,6 +53,20 @@ def backend_combo() -> QComboBox:
     return combo
 
 
+def ct_window_combo() -> QComboBox:
+    """CT window presets (:data:`~._reader.CT_WINDOWS`) for the chosen image: "—" while its
+    contrast is none of them; greyed out for an image that is not a CT."""
+    from ._reader import CT_WINDOWS
+
+    combo = QComboBox()
+    combo.addItem("—", None)
+    for name, (width, level) in CT_WINDOWS.items():
+        combo.addItem(f"{name}  (W {width:g} / L {level:g})", name)
+    combo.setToolTip("Window of the chosen CT image (width / level in HU)")
+    combo.setEnabled(False)
+    return combo
+
+
 class DomainSelectorGui(ScrollingPanel):
     """The controls of the domain selector, laid out top to bottom in the order they are used."""
 
@@ -64,6 +78,8 @@ class DomainSelectorGui(ScrollingPanel):
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("The 3D image layer to segment (a 4D layer = several modalities)")
         form.addRow("Image", self.image_combo)
+        self.window_combo = ct_window_combo()
+        form.addRow("CT window", self.window_combo)
 
         model_row = QHBoxLayout()
         self.model_combo = QComboBox()

@@ -81,6 +81,9 @@ def make_widget(viewer, qtbot, model_dir, predict):
     viewer.window.add_dock_widget(widget)
     widget.set_model_dir(model_dir)
     qtbot.waitUntil(lambda: widget.model is not None and widget.gui.domain_list.count() == 2, timeout=30000)
+    # Both domains of the test model are CT and blob_image() is MR-like, so since issue #16 none is
+    # pre-ticked for it (a wrong domain ticked is worse than none): tick "ct" as the user would.
+    widget.set_checked_domains(["ct"])
     return widget
 
 
@@ -281,6 +284,7 @@ def test_model_adapter_mismatch_is_a_notification(make_napari_viewer, qtbot, mod
     assert "no model is loaded" in messages[-1][1]
     widget.set_model_dir(model_dir)  # a good model again: usable
     qtbot.waitUntil(lambda: widget.model is not None, timeout=30000)
+    widget.set_checked_domains(["ct"])  # an MR-like image, CT domains: none pre-ticked (issue #16)
     run_and_wait(widget, qtbot)
     assert "scan ct" in viewer.layers
 
@@ -554,3 +558,69 @@ def test_progress_bar_shows_plain_stage_words(make_napari_viewer, qtbot, model_d
     widget._on_report = lambda r: (report(r), shown.append(bar.format()))
     run_and_wait(widget, qtbot)
     assert shown and not [t for t in shown if "sliding-window" in t or "preprocess" in t], shown
+
+
+def test_pick_domain_ticks_only_a_sure_fit_and_says_why():
+    """Issue #16 item 4: a wrong domain pre-ticked is worse than none."""
+    from training.model.domain_match import BLANK, UNKNOWN, pick_domain, read_values
+
+    assert read_values(np.zeros((4, 8, 8))) == BLANK and read_values(np.full((4, 8, 8), -1000.0)) == BLANK
+    assert read_values(blob_image() - 50) == UNKNOWN and read_values(blob_image()) == "MR"
+    cands = [("heart-mr", "MR", 1), ("hippocampus-mr", "MR", 1), ("prostate-mr", "MR", 2), ("spleen-ct", "CT", 1)]
+    assert pick_domain(cands, 1, "CT").domain == "spleen-ct"
+    assert pick_domain(cands, 2, "MR").domain == "prostate-mr"  # the only fit
+    assert pick_domain(cands, 1, "MR", named="heart-mr").domain == "heart-mr"  # the image names it
+    tie = pick_domain(cands, 1, "MR")
+    assert tie.domain is None and "heart-mr, hippocampus-mr" in tie.reason and "several MR" in tie.reason
+    assert "blank" in pick_domain(cands, 1, BLANK).reason and pick_domain(cands, 1, BLANK).domain is None
+    assert "CT or MR" in pick_domain(cands, 1, UNKNOWN).reason and pick_domain(cands, 1, UNKNOWN).domain is None
+    assert pick_domain(cands, 2, "CT").domain is None and pick_domain(cands, 1, None).domain is None
+
+
+@pytest.fixture
+def four_domain_model(tmp_path):
+    """Two 1-volume MR domains, one 2-volume MR domain, one CT domain (like the bundled model)."""
+    from tests.conftest import adapter_meta, small_net
+    from training.model.modelfile import save_model
+
+    net = small_net(domains=(("heart-mr", 1, 2), ("hippocampus-mr", 1, 2), ("prostate-mr", 2, 3), ("spleen-ct", 1, 2)))
+    modality = {"heart-mr": "MR", "hippocampus-mr": "MR", "prostate-mr": "MR", "spleen-ct": "CT"}
+    save_model(tmp_path / "m4", net, {n: adapter_meta(net, n, modality=modality[n]) for n in net.domains})
+    return tmp_path / "m4"
+
+
+@pytest.mark.parametrize(
+    "name, data, expected, words",
+    [
+        ("brain MR with negative values", blob_image() - 50, [], "could not tell whether this is CT or MR"),
+        ("all zero", np.zeros((12, 16, 20), np.float32), [], "blank"),
+        ("noise", np.random.default_rng(0).random((12, 16, 20), np.float32) * 300, [],
+         "several MR domains could fit this image (heart-mr, hippocampus-mr)"),
+        ("MNI-like", blob_image(), [], "several MR domains"),
+        ("two volumes", np.stack([blob_image(), blob_image() * 2]), ["prostate-mr"], "the only MR domain"),
+        ("ct", np.where(blob_image() > 50, 60.0, -1000.0), ["spleen-ct"], "the only CT domain"),
+    ],
+)
+def test_nothing_is_ticked_when_no_domain_surely_fits(
+    make_napari_viewer, qtbot, four_domain_model, name, data, expected, words
+):
+    """Issue #16 item 4: a brain MR with negative values got spleen-ct, an all-zero image and noise
+    heart-mr. Now nothing is ticked unless one domain surely fits, and the status line says why;
+    also when the image is opened after the model (the case a user meets most)."""
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(data, name=name)
+    widget = DomainSelectorWidget(viewer, predict_fn=ThresholdPredict())
+    viewer.window.add_dock_widget(widget)
+    widget.set_model_dir(four_domain_model)
+    qtbot.waitUntil(lambda: widget.model is not None and widget.gui.domain_list.count() == 4, timeout=30000)
+    qtbot.waitUntil(lambda: widget.hint_jobs == 0, timeout=10000)
+    assert widget.checked_domains() == expected
+    assert words in widget.gui.status_label.text(), widget.gui.status_label.text()
+    # the same image opened after a CT (whose domain was ticked): the CT's tick does not stay
+    viewer.layers.clear()
+    viewer.add_image(np.where(blob_image() > 50, 60.0, -1000.0), name="a ct")
+    qtbot.waitUntil(lambda: widget.hint_jobs == 0 and widget.checked_domains() == ["spleen-ct"], timeout=10000)
+    viewer.add_image(data, name=name)
+    qtbot.waitUntil(lambda: widget.hint_jobs == 0, timeout=10000)
+    assert widget.checked_domains() == expected
+    assert words in widget.gui.status_label.text(), widget.gui.status_label.text()

@@ -4,6 +4,7 @@ image's values suggest (torch-free: the GUI panels use them live)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 
 def closest_domain_name(
@@ -51,3 +52,75 @@ def guess_modality(data, stride: int = 4) -> str | None:
         return None
     low = float(np.nanmin(sample))
     return "CT" if low <= CT_AIR_HU else "MR" if low >= 0 else None
+
+
+# What a sample of an image's values says (see :func:`read_values`): a modality, or neither.
+BLANK = "blank"  # one value everywhere (e.g. all zeros): nothing to segment, no modality
+UNKNOWN = "unknown"  # negative values but no air: neither CT-like nor MR-like
+
+
+def read_values(data, stride: int = 4) -> str:
+    """"CT", "MR", :data:`BLANK` (a constant or empty image) or :data:`UNKNOWN` (negative values
+    without air), from every ``stride``-th row and column (call it from a worker: a lazy array is
+    read here)."""
+    import numpy as np
+
+    sample = np.asarray(data[..., ::stride, ::stride])
+    finite = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample
+    if finite.size == 0 or float(finite.min()) == float(finite.max()):
+        return BLANK
+    return guess_modality(finite.reshape(1, 1, -1), stride=1) or UNKNOWN
+
+
+@dataclass(frozen=True)
+class DomainPick:
+    """The domain to tick for an image (None: tick nothing) and why, in plain words for the
+    status line (``reason`` is empty while the image's values are still being read)."""
+
+    domain: str | None
+    reason: str
+
+
+def pick_domain(
+    candidates: Iterable[tuple[str, str, int]],
+    in_channels: int,
+    values: str | None,
+    named: str | None = None,
+) -> DomainPick:
+    """The domain to pre-tick for an image, or none, with the reason (issue #16: a wrong domain
+    ticked is worse than none).
+
+    * the domain the image names in its metadata (``named``, our samples do) wins;
+    * else a domain only if it is the ONLY one taking ``in_channels`` volumes of the modality the
+      values suggest (``values``: "CT", "MR", :data:`BLANK`, :data:`UNKNOWN`, None: not read yet);
+    * a blank image, an unknown modality, no fit or a tie: none, and the reason says which.
+
+    ``candidates``: ``(name, modality, in_channels)`` for each domain of the model.
+    """
+    candidates = sorted(candidates)
+    names = [c[0] for c in candidates]
+    if named is not None and named in names:
+        return DomainPick(named, f"Ticked {named}: the domain this image names.")
+    if not in_channels:
+        return DomainPick(None, "No domain ticked: open or choose a 3D image first.")
+    if values is None:
+        return DomainPick(None, "")  # its values are being read
+    if values == BLANK:
+        return DomainPick(None, "No domain ticked: the image is blank (one value everywhere).")
+    if values not in ("CT", "MR"):
+        return DomainPick(
+            None,
+            "No domain ticked: could not tell whether this is CT or MR (it has negative values but "
+            "no air); tick the domain for this scan.",
+        )
+    vols = "1 volume" if in_channels == 1 else f"{in_channels} volumes"
+    fits = [c[0] for c in candidates if c[2] == in_channels and c[1] == values]
+    if len(fits) == 1:
+        return DomainPick(fits[0], f"Ticked {fits[0]}: the only {values} domain for {vols}.")
+    if fits:
+        return DomainPick(
+            None,
+            f"No domain ticked: several {values} domains could fit this image ({', '.join(fits)}); "
+            "tick the one for this scan.",
+        )
+    return DomainPick(None, f"No domain ticked: no {values} domain of this model takes {vols}.")
