@@ -21,6 +21,7 @@ from napari_u2net._geometry import META_KEY, radiological_view, spatial_part  # 
 from napari_u2net._writer import write_labels_layer  # noqa: E402
 from training.io.volume import ours_to_nifti, read_image  # noqa: E402
 
+from .test_inference import rotation  # noqa: E402
 from .test_plugin_widget import ThresholdPredict, make_widget, run_and_wait  # noqa: E402
 
 pytestmark = pytest.mark.qt
@@ -37,12 +38,10 @@ def blob_values(shape=SHAPE, seed=0) -> np.ndarray:
     return (rng.integers(0, 10, shape) + 100 * inside).astype(np.int16)
 
 
-def rotation(deg: float, axis: int) -> np.ndarray:
-    a = np.radians(deg)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [k for k in range(3) if k != axis]
+def rotation4(deg: float, axis: int) -> np.ndarray:
+    """:func:`tests.test_inference.rotation` as a 4×4 affine."""
     m = np.eye(4)
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    m[:3, :3] = rotation(axis, deg)
     return m
 
 
@@ -51,7 +50,7 @@ def write_scan(path, kind: str, channels: int = 1) -> str:
     affine = np.diag([1.5, 1.2, 2.0, 1.0])
     affine[:3, 3] = [-22.0, -20.0, -21.0]
     if kind.startswith("oblique"):
-        affine = rotation(17.0, 0) @ rotation(-11.0, 2) @ affine
+        affine = rotation4(17.0, 0) @ rotation4(-11.0, 2) @ affine
     data = blob_values()
     if channels > 1:
         data = np.stack([data, (data * 2 + 1).astype(np.int16)], axis=-1)
