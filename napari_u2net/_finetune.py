@@ -24,6 +24,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMessageBox, QVBoxLayout, QWidget
 
+from training.data.labels import check_class_names
 from training.errors import InputError
 from training.model.domain_match import guess_modality
 
@@ -427,7 +428,7 @@ class FineTuneWidget(QWidget):
         only = g.sparse_check.isChecked()
         pairs = self._pairs(only)
         names = fw.parse_class_names(g.classes_edit.text())
-        fw.check_class_names(names, [p.labels for p in pairs])
+        check_class_names(names, [p.labels for p in pairs])
         patch = parse_patch(g.patch_edit.text())
         iterations = int(g.iterations_spin.value())
         config = TrainConfig(

@@ -70,20 +70,6 @@ def prepare_labels(labels: np.ndarray, name: str, only_labelled_slices: bool) ->
     return out
 
 
-def check_class_names(names: list[str], labels: list[np.ndarray]) -> None:
-    """The class names must name every label value of every pair (background first), once each."""
-    if len(names) < 2:
-        raise InputError("give the class names, background first, comma-separated (e.g. background, liver)")
-    top = max(int(np.max(lab[lab != IGNORE_INDEX], initial=0)) for lab in labels)
-    if top >= len(names):
-        raise InputError(
-            f"the labels go up to {top} but only {len(names)} class names are given "
-            f"({', '.join(names)}); add a name for each label value"
-        )
-    if len(set(names)) != len(names):
-        raise InputError("two classes have the same name; give each class its own name")
-
-
 def labelled_slices(labels: np.ndarray) -> list[int]:
     """Indices along axis 0 of the slices that are looked at (not all 255)."""
     return [int(i) for i in np.nonzero((labels != IGNORE_INDEX).reshape(labels.shape[0], -1).any(axis=1))[0]]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.data.labels import check_class_names
 from training.data.preprocess import MAX_PATCH
 from training.errors import InputError, U2NetError
 from training.infer.postprocess import component_counts
@@ -217,11 +218,7 @@ def adapt_domain(
     config = config or TrainConfig(iterations=200, batch_size=2, checkpoint_every=0)
     arrays, spacing, specs = cases_from_arrays(cases, modality, spacing, config.ignore_index,
                                                config.patch_size, class_names)
-    if len(class_names) < 2:
-        raise InputError("class_names must list the background and at least one structure")
-    top = max(int(np.max(c.label[c.label != config.ignore_index], initial=0)) for c in arrays)
-    if top >= len(class_names):
-        raise InputError(f"labels go up to {top} but only {len(class_names)} class names were given")
+    check_class_names(list(class_names), [c.label for c in arrays], config.ignore_index)
     patch = config.patch_size or default_patch(arrays[0].label.shape)
     channels = arrays[0].image.shape[0]
     meta = AdapterMeta(
