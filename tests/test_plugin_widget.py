@@ -319,7 +319,7 @@ def test_only_available_devices_are_enabled(make_napari_viewer, qtbot, model_dir
 
 def test_modality_guess_and_domain_suggestion():
     from napari_u2net._segment import layer_channels
-    from training.model.domain_match import guess_modality, suggest_domain
+    from training.model.domain_match import UNKNOWN, guess_modality, pick_domain
 
     ct = np.full((4, 8, 8), -1000.0)
     ct[:, 2:6, 2:6] = 60
@@ -327,11 +327,12 @@ def test_modality_guess_and_domain_suggestion():
     assert guess_modality(blob_image() - 50) is None  # negative, but no air: unknown
     assert layer_channels(np.zeros((2, 4, 5, 6))) == 2 and layer_channels(ct) == 1
     cands = [("heart", "MR", 1), ("prostate", "MR", 2), ("spleen", "CT", 1)]
-    assert suggest_domain(cands, 1, "CT") == "spleen"
-    assert suggest_domain(cands, 1, "MR") == "heart"
-    assert suggest_domain(cands, 2, "CT") == "prostate"  # the number of volumes comes first
-    assert suggest_domain(cands, 1, None) == "heart"  # unknown modality: first that can run
-    assert suggest_domain([], 1, "CT") is None
+    # only a sure fit is suggested: the single domain of that modality taking that many volumes
+    assert pick_domain(cands, 1, "CT").domain == "spleen"
+    assert pick_domain(cands, 1, "MR").domain == "heart"
+    assert pick_domain(cands, 2, "CT").domain is None  # no CT domain takes 2 volumes
+    assert pick_domain(cands, 1, UNKNOWN).domain is None  # unknown modality: none, not the first
+    assert pick_domain([], 1, "CT").domain is None
 
 
 def test_ticked_domain_follows_the_image(make_napari_viewer, qtbot, tmp_path):

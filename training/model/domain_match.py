@@ -18,18 +18,6 @@ def closest_domain_name(
     return _best(candidates, lambda c: (c[1] == modality, c[2] == in_channels, c[3] == num_classes))
 
 
-def suggest_domain(
-    candidates: Iterable[tuple[str, str, int]], in_channels: int, modality: str | None
-) -> str | None:
-    """The domain to pre-tick for an image: one that takes its number of volumes first (any other
-    cannot run on it), then one of the modality its intensities suggest (None: unknown); ties go
-    to the first name in sorted order.
-
-    ``candidates``: ``(name, modality, in_channels)`` for each domain of the model.
-    """
-    return _best(candidates, lambda c: (c[2] == in_channels, modality is not None and c[1] == modality))
-
-
 def _best(candidates: Iterable[tuple], score) -> str | None:
     """Name of the highest-scoring candidate; ``max`` keeps the first of equals, so ties go to the
     first name in sorted order."""
@@ -87,8 +75,8 @@ def pick_domain(
     values: str | None,
     named: str | None = None,
 ) -> DomainPick:
-    """The domain to pre-tick for an image, or none, with the reason (issue #16: a wrong domain
-    ticked is worse than none).
+    """The domain to pre-tick for an image, or none, with the reason (a wrong domain ticked is
+    worse than none: the user runs it and gets nonsense).
 
     * the domain the image names in its metadata (``named``, our samples do) wins;
     * else a domain only if it is the ONLY one taking ``in_channels`` volumes of the modality the
