@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import napari
 
-    from ._geometry import radiological_view
+    from ._orientation import prepare_for_reading
     from ._reader import WORLD_AXES
 
     prefer_reader()  # .nii / .nii.gz / .dcm open with this plugin, no "choose reader" dialog
     viewer = napari.Viewer(title="napari-u2net")
-    radiological_view(viewer)
+    prepare_for_reading(viewer)  # radiological view, R/L and A/P markers
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Domain selector")
     try:
         viewer.open_sample(PLUGIN, "synthetic_ct")

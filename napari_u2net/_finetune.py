@@ -33,6 +33,7 @@ from . import _jobs
 from ._devices import start_device_probe
 from ._finetune_gui import FineTuneGui, PairRow
 from ._geometry import META_KEY, layer_data_to_world, layer_volume, spatial_part
+from ._orientation import prepare_for_reading
 from ._panel import follow_layers
 from ._session import ModelSession, session_for
 
@@ -79,6 +80,7 @@ class FineTuneWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = session if session is not None else session_for(napari_viewer)
+        prepare_for_reading(napari_viewer)  # radiological view and R/L, A/P markers, once per viewer
         self.ask_keep = ask_keep or self._ask_keep_dialog
         self.confirm_overwrite = confirm_overwrite or self._confirm_overwrite_dialog
         self.train_fn = train_fn

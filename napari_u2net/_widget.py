@@ -31,6 +31,7 @@ from . import _jobs
 from ._devices import start_device_probe
 from ._geometry import META_KEY, layer_volume, result_geometry, with_leading_axes
 from ._models import ModelChoice, load_model_job, model_choices
+from ._orientation import prepare_for_reading
 from ._panel import follow_layers
 from ._progress_bar import stage_words
 from ._segment import RunReport, RunRequest, check_case, layer_channels, run_segmentation
@@ -155,7 +156,8 @@ def result_layers(image_name: str, geometry: dict, result, meta, volume, model_d
         **{k: volume.meta[k] for k in ("source_affine", "source_shape", "orientation") if k in volume.meta},
     }
     metadata = {META_KEY: {**base, "classes": meta.class_names, "shape": tuple(labels.shape),
-                           "result_hash": labels_hash(labels), "empty": result.empty}}
+                           "result_hash": labels_hash(labels), "empty": result.empty,
+                           "notes": list(result.notes)}}
     name = f"{image_name} {result.domain}"
     labels_layer = Labels(
         labels, name=name, colormap=label_colormap(meta), features=class_features(meta),
@@ -204,6 +206,7 @@ class DomainSelectorWidget(QWidget):
         self._auto_ticked = True  # the ticked domains are the widget's suggestion, not the user's
         self._user_ticks = 0  # how many times the user changed the ticks (a late guess never undoes them)
         self.session = session_for(napari_viewer)
+        prepare_for_reading(napari_viewer)  # radiological view and R/L, A/P markers, once per viewer
         self.session.domain_added.connect(self._on_domain_added)
 
         g = self.gui
@@ -718,12 +721,13 @@ class DomainSelectorWidget(QWidget):
 
     # -- results ------------------------------------------------------------------------------------
     def _add_results(self, image, layers: dict) -> None:
-        added, empty = [], []
+        added, empty, notes = [], [], []
         for domain, (labels, maps) in layers.items():
             added += [self._add_map(m).name for m in maps]
             added.append(self._add_result(image, domain, labels).name)
             if labels.metadata[META_KEY]["empty"]:
                 empty.append(domain)
+            notes += [f"{domain}: {note}" for note in labels.metadata[META_KEY].get("notes", [])]
         self.gui.status_label.setText("Done: added " + ", ".join(repr(n) for n in added))
         log.info("segmentation of %r done: added %s", image.name, ", ".join(added))
         for domain in empty:
@@ -734,6 +738,8 @@ class DomainSelectorWidget(QWidget):
                 f"{domain} found nothing in {image.name!r}: it looks for {looked_for} on {meta.modality} "
                 "images. Check the image, or tick another domain.",
             )
+        for note in notes:  # what the core says the user should know (an image unlike the training data…)
+            self._notify("warning", note)
 
     def _add_map(self, layer):
         """Insert a per-voxel map's Image layer, replacing the one of an earlier run."""

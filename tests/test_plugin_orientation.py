@@ -262,3 +262,60 @@ def test_radiological_view_of_a_sagittal_scan(make_napari_viewer, qtbot, tmp_pat
     height, width = shot.shape
     assert rows.mean() < height / 2, "anterior must be up"
     assert cols.mean() < width / 2, "the patient's right must be on the left"
+
+
+# -- orientation markers (issue #16.9) ------------------------------------------------------------
+def test_edge_letters_follow_the_plane_and_the_camera():
+    from napari_u2net._orientation import edge_letters
+
+    # axial (A vertical, R horizontal), radiological camera: anterior up, the patient's right left
+    assert edge_letters((1, 2), ("up", "left"), 3) == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    # napari's default camera (axes grow down and right) on the same plane
+    assert edge_letters((1, 2), ("down", "right"), 3) == {"top": "P", "bottom": "A", "left": "L", "right": "R"}
+    # coronal (S vertical, R horizontal) and sagittal (S vertical, A horizontal)
+    assert edge_letters((0, 2), ("up", "left"), 3) == {"top": "S", "bottom": "I", "left": "R", "right": "L"}
+    assert edge_letters((0, 1), ("up", "left"), 3) == {"top": "S", "bottom": "I", "left": "A", "right": "P"}
+    # a 4D layer (modality, S, A, R): the modality axis on screen has no anatomical name
+    assert edge_letters((2, 3), ("up", "left"), 4) == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    assert edge_letters((0, 3), ("up", "left"), 4) is None
+
+
+def amber_pixels(shot: np.ndarray) -> np.ndarray:
+    """Where the canvas shows the markers' amber (red and green high, blue low)."""
+    r, g, b = (shot[..., i].astype(int) for i in range(3))
+    return (r > 200) & (g > 150) & (b < 130) & (r - b > 100)
+
+
+def test_orientation_markers_on_a_sagittal_scan(make_napari_viewer, qtbot, tmp_path):
+    """Docking the domain selector sets up the radiological view with R/L, A/P markers drawn at
+    the canvas edges; they follow the plane shown and hide in 3D and for layers without anatomy."""
+    from napari_u2net._orientation import EDGES, KEY
+    from napari_u2net._widget import DomainSelectorWidget
+
+    viewer = make_napari_viewer()
+    viewer.window._qt_window.resize(1366, 768)
+    viewer.window._qt_window.show()
+    qtbot.waitExposed(viewer.window._qt_window)
+    viewer.window.add_dock_widget(DomainSelectorWidget(viewer, predict_fn=ThresholdPredict()))
+    overlays = viewer.canvas.overlays
+
+    def letters():
+        return {e: overlays[KEY + e].text for e in EDGES if overlays[KEY + e].visible}
+
+    viewer.add_image(np.zeros((5, 6, 7)), name="plain")  # no geometry of ours: nothing to name
+    assert letters() == {}
+    viewer.layers.clear()
+    viewer.open(write_scan(tmp_path / "sag.nii.gz", "sagittal"), plugin="napari-u2net")
+    assert letters() == {"top": "A", "bottom": "P", "left": "R", "right": "L"}  # axial, radiological
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    amber = amber_pixels(shot)
+    height, width = amber.shape
+    assert amber[:, : width // 10].any(), "the R marker is drawn at the left edge"
+    assert amber[: height // 10].any(), "the A marker is drawn at the top edge"
+    viewer.dims.order = (1, 0, 2)  # coronal: S vertical, R horizontal
+    assert letters() == {"top": "S", "bottom": "I", "left": "R", "right": "L"}
+    viewer.dims.ndisplay = 3
+    assert letters() == {}
+    viewer.dims.ndisplay = 2
+    assert letters() == {"top": "S", "bottom": "I", "left": "R", "right": "L"}

@@ -40,8 +40,10 @@ class ThresholdPredict:
     """Labels = 1 where the first channel is above its mean; ``delay`` seconds per fake tile;
     ``maps``: further per-voxel outputs, ``{name: fn(image) -> array}``."""
 
-    def __init__(self, tiles: int = 4, delay: float = 0.0, error: BaseException | None = None, maps=None):
+    def __init__(self, tiles: int = 4, delay: float = 0.0, error: BaseException | None = None, maps=None,
+                 notes=()):
         self.tiles, self.delay, self.error, self.maps = tiles, delay, error, maps or {}
+        self.notes = list(notes)
         self.calls: list[dict] = []
         self.started = threading.Event()
 
@@ -62,7 +64,7 @@ class ThresholdPredict:
                     progress(FakeProgress(d, t + 1, self.tiles))
             img = volume.data[0]
             maps = {name: fn(img) for name, fn in self.maps.items()}
-            out[d] = DomainResult(d, (img > img.mean()).astype(np.uint8), maps)
+            out[d] = DomainResult(d, (img > img.mean()).astype(np.uint8), maps, notes=list(self.notes))
         return Prediction(out)
 
 
@@ -458,6 +460,18 @@ def test_an_empty_result_is_reported_not_just_added(make_napari_viewer, qtbot, m
     widget.gui.image_combo.setCurrentText("scan")
     run_and_wait(widget, qtbot)
     assert not [m for m in messages if m[0] == "warning"], messages
+
+
+def test_the_cores_notes_on_a_result_reach_the_user(make_napari_viewer, qtbot, model_dir, messages):
+    """What the core says about a result (``DomainResult.notes``: an image unlike the domain's
+    training data, say) is shown as a warning naming the domain, not only logged."""
+    viewer = make_napari_viewer()
+    viewer.add_image(blob_image(), name="scan")
+    note = "this scan looks unlike what ct was trained on: check the result"
+    widget = make_widget(viewer, qtbot, model_dir, ThresholdPredict(notes=[note]))
+    run_and_wait(widget, qtbot)
+    assert "scan ct" in viewer.layers
+    assert [text for level, text in messages if level == "warning"] == [f"ct: {note}"]
 
 
 def test_a_newly_opened_or_selected_image_becomes_the_one_to_segment(make_napari_viewer, qtbot, model_dir, messages):

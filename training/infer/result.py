@@ -23,6 +23,10 @@ class DomainResult:
     # none yet by default.
     maps: dict[str, np.ndarray] = field(default_factory=dict)
     path: Path | None = None  # where the labels were written (predict_files), if they were
+    # What the user should know about this result, in their words, one sentence each (an empty
+    # result, one that cannot be what the domain describes…): the CLI prints them as warnings, the
+    # plugin shows them in its notification.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
