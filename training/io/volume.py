@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,13 +271,3 @@ def from_sitk(img) -> tuple[np.ndarray, np.ndarray]:
     affine[:3, :3] = _LPS @ m_xyz[:, ::-1]
     affine[:3, 3] = _LPS @ np.array(img.GetOrigin(), dtype=np.float64)
     return array, affine
-
-
-def warn_if_oblique(affine: np.ndarray, threshold_deg: float = 1.0) -> float:
-    """The largest angle (degrees) between an image axis and the nearest world axis."""
-    m = np.asarray(affine)[:3, :3] / spacing_of(affine)
-    cosines = np.abs(m).max(axis=0).clip(0, 1)
-    angle = float(np.degrees(np.arccos(cosines.min())))
-    if angle > threshold_deg:
-        warnings.warn(f"oblique image: axes are up to {angle:.1f}° off the world axes", stacklevel=2)
-    return angle

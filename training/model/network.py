@@ -103,12 +103,6 @@ def pool_counts_for_patch(patch_size, levels: int, min_size: int = 4) -> tuple[i
     return tuple(counts)
 
 
-def divisor_for(pool_counts: tuple[int, int, int] | None, levels: int) -> tuple[int, int, int]:
-    """Each axis of an input should be a multiple of this for exact down/up-sampling."""
-    counts = pool_counts if pool_counts is not None else (levels - 1,) * 3
-    return tuple(2**c for c in counts)
-
-
 class UnitAdapter(nn.Module):
     """Per-domain parts of one universal unit: depthwise conv and the two InstanceNorms."""
 
