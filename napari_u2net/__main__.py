@@ -11,9 +11,14 @@ import sys
 PLUGIN = "napari-u2net"
 # The reader's file patterns (napari.yaml). napari's built-in reader claims every file too, so
 # without a preference napari asks which reader to use on every open (and its reader loses the
-# geometry: identity affine). A DICOM folder cannot be preferred: napari keeps folder preferences
-# per absolute folder path only (a pattern for every folder would take zarr folders too).
-READER_PATTERNS = ("*.nii", "*.nii.gz", "*.dcm", "*.DCM")
+# geometry: identity affine).
+FILE_PATTERNS = ("*.nii", "*.nii.gz", "*.dcm", "*.DCM")
+# Folders: napari matches a folder's path with a trailing separator, and both readers accept
+# folders, so a DICOM folder prompted too. This pattern prefers the plugin for every folder; its
+# reader hands any folder that holds no DICOM to napari's own reader, so other folders (zarr, image
+# stacks) open exactly as before. A more specific preference the user set (say "*.zarr/") wins.
+FOLDER_PATTERN = "*" + os.sep
+READER_PATTERNS = (*FILE_PATTERNS, FOLDER_PATTERN)
 
 
 def has_display() -> bool:
@@ -33,14 +38,17 @@ def prefer_reader() -> list[str]:
         from napari.settings import get_settings
     except ImportError:  # napari not installed: nothing to prefer
         return []
+    import tempfile
+
     plugins = get_settings().plugins
     prefs = dict(plugins.extension2reader)
     added = []
-    for pattern in READER_PATTERNS:
-        example = os.path.join(os.sep, "u2net-example", "scan" + pattern[1:])  # a file it matches
-        if get_preferred_reader(example) is None:
-            prefs[pattern] = PLUGIN
-            added.append(pattern)
+    with tempfile.TemporaryDirectory() as folder:  # napari matches folders by a real path
+        for pattern in READER_PATTERNS:
+            example = folder if pattern == FOLDER_PATTERN else os.path.join(folder, "scan" + pattern[1:])
+            if get_preferred_reader(example) is None:
+                prefs[pattern] = PLUGIN
+                added.append(pattern)
     if added:
         plugins.extension2reader = prefs
     return added

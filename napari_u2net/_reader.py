@@ -8,6 +8,12 @@ layer, modality first, which is what multi-modal domains take. The full geometry
 file grids, the permutation, NIfTI header, source path) is kept in ``layer.metadata["u2net"]`` for
 the writer and the domain selector.
 A DICOM folder holding several series opens as one layer per series, named by its description.
+
+A DICOM Segmentation (SEG) file, or a folder holding SEG files, opens as Labels layers on the grid
+of the image series each references (:func:`training.io.dicom_seg.read_seg`: found in the same,
+a sub-, the parent or a sibling folder), with its segment names and colours; a folder holding
+both the series and a SEG opens as both. The labels' metadata names the image folder and series,
+so the layer saves back as a DICOM SEG (:mod:`._writer`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from training.io.dicom import is_dicom_file, list_series, read_dicom
+from training.io.dicom_seg import is_seg_file, read_seg
 from training.io.resample import reorient_array
 from training.io.volume import Volume, case_name, is_nifti, read_image
 
@@ -63,15 +70,31 @@ def _looks_like_dicom_folder(path: Path) -> bool:
 
 
 def napari_get_reader(path):
-    """Return :func:`read_volume` for a .nii/.nii.gz file or a DICOM folder, else ``None``."""
+    """Return :func:`read_volume` for a .nii/.nii.gz file, a DICOM file or a DICOM folder; for
+    any other folder napari's own reader; else ``None``.
+
+    Why other folders go to napari's reader: napari asks "which reader?" for every folder both
+    readers accept, so the plugin is napari's preferred reader for folders
+    (:data:`napari_u2net.__main__.FOLDER_PATTERN`), and a folder of images or a zarr store must
+    still open as napari would open it.
+    """
     if isinstance(path, (list, tuple)):
         if len(path) != 1:
             return None
         path = path[0]
     p = Path(path)
     if p.is_dir():
-        return read_volume if _looks_like_dicom_folder(p) else None
+        return read_volume if _looks_like_dicom_folder(p) else _napari_folder_reader(str(p))
     return read_volume if is_nifti(p) or is_dicom_file(p) else None
+
+
+def _napari_folder_reader(path: str):
+    """napari's built-in reader for a folder (None when it is not installed or declines)."""
+    try:
+        from napari_builtins.io import napari_get_reader as builtin_reader
+    except ImportError:
+        return None
+    return builtin_reader(path)
 
 
 def volume_layer_data(volume: Volume, name: str, **kwargs) -> tuple:
@@ -113,16 +136,60 @@ def volume_layer_data(volume: Volume, name: str, **kwargs) -> tuple:
     return (data, attrs, "image")
 
 
+def seg_layer_data(path) -> tuple:
+    """A napari LayerData tuple for a DICOM SEG file: a Labels layer on the referenced image's
+    displayed grid (the one :func:`volume_layer_data` gives that image), one value per segment."""
+    import pandas as pd
+
+    seg = read_seg(path)
+    orientation, affine, shape = display_grid(seg.affine, seg.labels.shape)
+    data = seg.labels
+    if not orientation.is_identity:
+        data = np.ascontiguousarray(reorient_array(data[None], orientation)[0])
+    meta = {
+        "affine": affine,
+        "shape": shape,
+        "source": str(seg.image),  # the image series' folder: the writer saves a SEG referencing it
+        "source_affine": np.asarray(seg.affine).copy(),
+        "source_shape": tuple(int(s) for s in seg.labels.shape),
+        "orientation": tuple(orientation.perm),
+        "info": dict(seg.image_meta),  # dicom_series, as the image layer's
+        "classes": list(seg.names),
+        "domain": seg.domain,
+        "dicom_seg": str(path),
+    }
+    attrs = {
+        "name": f"{seg.image.name} {seg.description or Path(path).stem}",
+        "affine": volume_layer_affine(affine, 1),
+        "metadata": {META_KEY: meta},
+        "units": "mm",
+        "axis_labels": WORLD_AXES,
+        "opacity": 0.5,
+        "features": pd.DataFrame({"index": np.arange(len(seg.names)), "class": seg.names}),
+    }
+    if seg.colours[1:] and all(seg.colours[1:]):  # else napari's own label colours
+        attrs["colormap"] = {None: "transparent", 0: "transparent",
+                             **{v: c for v, c in enumerate(seg.colours) if v}}
+    return (data, attrs, "labels")
+
+
 def read_volume(path) -> list[tuple]:
-    """Read one NIfTI file, DICOM file or DICOM folder (errors are U2NetError with a reason)."""
+    """Read one NIfTI file, DICOM file or DICOM folder (errors are U2NetError with a reason); DICOM
+    SEG files (alone or in the folder) become Labels layers."""
     if isinstance(path, (list, tuple)):
         path = path[0]
     path = Path(path)
+    if path.is_file() and is_seg_file(path):
+        return [seg_layer_data(path)]
     if path.is_dir():
         series = list_series(path)
-        if len(series) > 1:
-            return [
-                volume_layer_data(read_dicom(path, s.uid), f"{path.name} {s.description or s.uid}")
-                for s in series
+        segs = [s for s in series if is_seg_file(s.files[0])]
+        images = [s for s in series if s not in segs]
+        if len(images) > 1 or segs:
+            layers = [
+                volume_layer_data(read_dicom(path, s.uid), f"{path.name} {s.description or s.uid}"
+                                  if len(images) > 1 else case_name(path))
+                for s in images
             ]
+            return layers + [seg_layer_data(f) for s in segs for f in sorted(s.files)]
     return [volume_layer_data(read_image(path), case_name(path))]

@@ -72,6 +72,47 @@ def test_nifti_opens_with_our_reader_without_a_prompt(
     assert prefer_reader() == []  # already preferred: nothing changes
 
 
+def test_a_dicom_folder_opens_without_a_prompt_and_other_folders_as_napari_opens_them(
+    make_napari_viewer, tmp_path, monkeypatch, fresh_reader_preferences
+):
+    """Both readers accept folders, so File › Open Folder asked which reader to use for every DICOM
+    folder. The plugin is now preferred for folders; a folder without DICOM (here a stack of .npy
+    slices) still opens exactly as napari's own reader opens it."""
+    from napari._qt import qt_viewer as qt_viewer_module
+
+    from napari_u2net.__main__ import FOLDER_PATTERN, prefer_reader
+
+    from .test_volume import write_dicom_series
+
+    dicom = tmp_path / "series"
+    write_dicom_series(dicom, np.arange(6 * 16 * 18, dtype=np.int16).reshape(6, 16, 18) % 500,
+                       np.diag([0.8, 0.8, 2.5, 1.0]), "1.2.826.0.1.3680043.2.1125.7")
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    slices = np.random.default_rng(0).random((3, 9, 11)).astype(np.float32)
+    for i, plane in enumerate(slices):
+        np.save(stack / f"slice{i}.npy", plane)
+
+    dialogs: list[list[str]] = []
+    monkeypatch.setattr(qt_viewer_module, "handle_gui_reading", lambda paths, *a, **k: dialogs.append(paths))
+    viewer = make_napari_viewer()
+    viewer.window._qt_viewer._qt_open([str(dicom)], stack=False)  # File › Open Folder
+    assert dialogs and len(viewer.layers) == 0  # before: napari could not choose
+    dialogs.clear()
+
+    assert FOLDER_PATTERN in prefer_reader()
+    viewer.window._qt_viewer._qt_open([str(dicom)], stack=False)
+    assert not dialogs and len(viewer.layers) == 1
+    assert META_KEY in viewer.layers[0].metadata and viewer.layers[0].data.size == 6 * 16 * 18
+    viewer.layers.clear()
+    viewer.window._qt_viewer._qt_open([str(stack)], stack=False)
+    assert not dialogs and len(viewer.layers) == 1
+    (theirs,) = viewer.open(str(stack), plugin="napari")  # what napari's own reader makes of it
+    np.testing.assert_array_equal(np.asarray(viewer.layers[0].data), np.asarray(theirs.data))
+    np.testing.assert_array_equal(np.asarray(viewer.layers[0].data), slices)
+    assert META_KEY not in viewer.layers[0].metadata
+
+
 def test_a_preference_for_another_reader_is_kept(fresh_reader_preferences):
     from napari_u2net.__main__ import on_activate
 
