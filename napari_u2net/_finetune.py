@@ -27,6 +27,8 @@ from qtpy.QtWidgets import QDockWidget, QFileDialog, QMainWindow, QMessageBox, Q
 from training.data.labels import check_class_names
 from training.errors import InputError
 from training.model.domain_match import guess_modality
+from training.model.layout import trunk_hash_of
+from training.model.user_models import USER_MODEL, user_model_dir
 
 from . import _finetune_worker as fw
 from . import _jobs
@@ -319,7 +321,7 @@ class FineTuneWidget(QWidget):
         """The model to start from; the 'Save to' folder follows unless the user chose one."""
         folder = Path(folder)
         try:
-            trunk_hash = fw.trunk_hash_of(folder)
+            trunk_hash = trunk_hash_of(folder)
             domains = fw.model_domains(folder)
         except Exception as e:  # unreadable: say so, keep the previous choice
             log.info("%s is not a usable model folder: %s: %s", folder, type(e).__name__, e)
@@ -337,7 +339,7 @@ class FineTuneWidget(QWidget):
             self._target_auto = False
         elif self._target_auto:
             writable = _is_user_folder(folder)
-            dest = folder if writable else fw.default_user_dir(folder, trunk_hash)
+            dest = folder if writable else user_model_dir(trunk_hash)
             self.gui.target_edit.setText(str(dest))
 
     def _fill_init_domains(self) -> None:
@@ -634,7 +636,7 @@ def _is_user_folder(folder: Path) -> bool:
     from training.io.folders import cache_dir
 
     folder = folder.resolve()
-    return folder.parent == (cache_dir() / "models").resolve() and folder.name.startswith("user")
+    return folder.parent == (cache_dir() / "models").resolve() and folder.name.startswith(USER_MODEL)
 
 
 def _format_seconds(s: float) -> str:

@@ -26,7 +26,8 @@ import numpy as np
 
 from training.errors import InputError
 from training.io.volume import IGNORE_INDEX
-from training.model.layout import ADAPTER_DIR, TRUNK_FILE, trunk_hash_of
+from training.model.layout import ADAPTER_DIR, TRUNK_FILE
+from training.model.user_models import copy_atomic, ensure_user_model
 
 STAGING_PREFIX = ".staging-"
 BEST_FILE = "best.safetensors"
@@ -112,69 +113,10 @@ def parse_class_names(text: str) -> list[str]:
 
 
 # -- model directories ------------------------------------------------------------------------------
-def default_user_dir(source: Path, trunk_hash: str, home: Path | None = None) -> Path:
-    """``<U2NET_HOME or OS cache>/models/user``; ``user-<hash>`` if that one has another trunk."""
-    from training.io.folders import cache_dir
-
-    base = (home or cache_dir()) / "models"
-    first = base / "user"
-    if not (first / TRUNK_FILE).exists() or trunk_hash_of(first) == trunk_hash:
-        return first
-    return base / f"user-{trunk_hash[:12]}"
-
-
 def model_domains(model_dir: Path) -> list[dict]:
     from training.model.layout import model_dir_domains
 
     return model_dir_domains(Path(model_dir))[0]
-
-
-def ensure_user_model(source: Path, target: Path) -> Path:
-    """Make ``target`` a writable model directory with ``source``'s trunk; copy missing adapters.
-
-    A fresh target is filled in a temporary sibling and renamed into place, so an interrupted
-    copy leaves nothing half-written. A target with another trunk is refused.
-    """
-    source, target = Path(source), Path(target)
-    if source.resolve() == target.resolve():
-        return target
-    want = trunk_hash_of(source)
-    if (target / TRUNK_FILE).exists():
-        have = trunk_hash_of(target)
-        if have != want:
-            raise InputError(
-                f"{target} holds a model with another trunk ({have[:12]} ≠ {want[:12]}); "
-                "choose an empty folder (or that model's own folder) to save the fine-tuned domain in"
-            )
-        (target / ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
-        for f in sorted((source / ADAPTER_DIR).glob("*.safetensors")):
-            if not (target / ADAPTER_DIR / f.name).exists():
-                _copy_atomic(f, target / ADAPTER_DIR / f.name)
-        return target
-    if target.exists() and any(p for p in target.iterdir() if not p.name.startswith(".")):
-        raise InputError(f"{target} is not empty and holds no model; choose an empty folder or a model folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        (tmp / ADAPTER_DIR).mkdir(parents=True)
-        shutil.copy2(source / TRUNK_FILE, tmp / TRUNK_FILE)
-        for f in sorted((source / ADAPTER_DIR).glob("*.safetensors")):
-            shutil.copy2(f, tmp / ADAPTER_DIR / f.name)
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -299,7 +241,7 @@ def finetune_job(request: FineTuneRequest, stop, train_fn: Callable | None = Non
                 if best_val is None or report.val_mean > best_val:
                     # the trainer wrote this iteration's adapter just before reporting it
                     best_file = staging / BEST_FILE
-                    _copy_atomic(last_file, best_file)
+                    copy_atomic(last_file, best_file)
                     best_val, best_it = float(report.val_mean), report.iteration
             yield report
     except BaseException:

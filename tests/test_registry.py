@@ -201,9 +201,11 @@ def test_bad_registry_entries_are_refused(tmp_path):
 def test_cli_download_and_info_listing(served, env, capsys):
     assert main(["download", "tiny", "--quiet"]) == 0
     assert "ready in" in capsys.readouterr().out
-    assert main(["info"]) == 0
+    assert main(["info"]) == 0  # compact: a header per model, a table of its domains
     out = capsys.readouterr().out
-    assert "tiny v1  [cached]" in out and "ct" in out and "mr2" in out and "made_by=test" in out
+    assert "tiny v1  [cached]" in out and "ct" in out and "mr2" in out and "made_by=test" not in out
+    assert main(["info", "--verbose"]) == 0  # the provenance is behind --verbose
+    assert "made_by=test" in capsys.readouterr().out
     assert main(["info", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     tiny = next(m for m in doc["models"] if m["name"] == "tiny")
