@@ -113,6 +113,32 @@ def test_one_modality_plain_nnunet_and_dicom_cases(tmp_path):
     assert np.allclose(nifti_to_ours(written.affine), dicom.affine, atol=1e-4)
 
 
+def test_summary_holds_each_case_volumes_and_stats_writes_the_measurements(tmp_path):
+    """The summary's measurement columns: per class the labels' volume (voxels × voxel volume),
+    the intensity inside and, with --stats, the expected volume and its interval; --stats FILE
+    holds one row per case, domain and class."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for i, name in enumerate(("a", "b")):
+        _nifti(images / f"{name}.nii.gz", seed=20 + i)
+    stats = tmp_path / "stats.csv"
+    rc = main(["predict", "-i", str(images), "-o", str(out), "--domain", "hippocampus-mr",
+               "--stats", str(stats), *CPU])
+    assert rc == 0
+    voxel_ml = 1.4 * 1.3 * 1.3 / 1000
+    rows = _summary(out)
+    measured = _rows(stats)
+    assert sorted({r["case"] for r in measured}) == ["a", "b"]
+    for case in ("a", "b"):
+        labels = _labels(out / f"{case}_hippocampus-mr.nii.gz")
+        for k, name in ((1, "anterior"), (2, "posterior")):
+            ml = (labels == k).sum() * voxel_ml
+            assert float(rows[case][f"{name}_ml"]) == pytest.approx(ml, abs=1e-3)
+            assert float(rows[case][f"{name}_low_ml"]) <= float(rows[case][f"{name}_expected_ml"])
+            (row,) = [r for r in measured if r["case"] == case and r["name"] == name]
+            assert row["domain"] == "hippocampus-mr" and int(row["voxels"]) == (labels == k).sum()
+
+
 def test_rerun_skips_written_cases_and_overwrite_redoes_them(tmp_path):
     images, out = tmp_path / "images", tmp_path / "out"
     images.mkdir()

@@ -1,8 +1,11 @@
 """``u2net evaluate``: Dice per class of a model's domain on an MSD dataset's labelled cases.
 
 Inference runs exactly as ``u2net predict`` does (raw image in, labels at the image's own
-geometry out), and is compared with the raw label files. The last line printed is a JSON object
-whose ``mean_dice`` is the mean foreground Dice over cases and classes.
+geometry out), and is compared with the raw label files. It also scores the calibrated
+probabilities (docs/uncertainty.md): the top-label ECE before and after the domain's temperature,
+and the expected volume per class against the reference (error, coverage of its 90 % interval,
+CRPS). The last line printed is a JSON object whose ``mean_dice`` is the mean foreground Dice over
+cases and classes, with ``ece_before``, ``ece_after`` and ``volume``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="evaluate at most N cases")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--json", action="store_true", help="print one JSON object per case, then the summary")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="Dice only: skip the probabilities (ECE, expected volumes), which cost time and memory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,9 +58,23 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*differ from the dataset's")
         summary = evaluate_dataset(model, args.dataset, args.domain, device=args.device, case_ids=case_ids,
-                                   limit=args.limit, on_case=show)
+                                   limit=args.limit, on_case=show, calibration=not args.no_calibration)
     summary.pop("per_case")
     if not args.json:
         print("mean " + "  ".join(f"{n}={v:.3f}" for n, v in summary["mean_dice_per_class"].items()))
+        if "ece_before" in summary:
+            _print_calibration(summary)
     print(json.dumps(summary))
     return 0
+
+
+def _print_calibration(summary: dict) -> None:
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    t = f"temperature {summary['temperature']:.3f}" if summary["calibrated"] else "no calibration: temperature 1"
+    print(f"calibration: ECE {num(summary['ece_before'], '.4f')} before, {num(summary['ece_after'], '.4f')} "
+          f"after ({t})")
+    v = summary["volume"]
+    print(f"volume: mean |error| {num(v['mean_abs_volume_error_pct'], '.1f')} %, {v['nominal']:.0%} interval "
+          f"covers {num(v['coverage'], '.0%')} of {v['cases']}, CRPS {num(v['crps_ml'], '.2f')} mL")

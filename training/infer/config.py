@@ -20,6 +20,11 @@ class InferenceConfig:
     postprocess: bool = True  # keep each class's usual number of connected components (the domain's)
     backend: str = "torch"  # one of BACKENDS
     amp: bool = True  # mixed precision on CUDA only; never bf16 on CPU
+    # per-voxel outputs besides the labels (DomainResult.maps), off by default because they cost
+    # time and memory: "uncertainty" (Z, Y, X) float16 normalised entropy of the calibrated class
+    # probabilities, 0 = sure, 1 = uniform; "probabilities" (C, Z, Y, X) float16, calibrated
+    uncertainty: bool = False
+    probabilities: bool = False
 
 
 def validate_overlap(overlap: float) -> None:

@@ -30,6 +30,7 @@ from training.infer.sliding_window import (
     ProbabilitySink,
     ProgressFn,
     SlabSink,
+    UncertaintySink,
     count_tiles,
     sliding_window,
     sweep_slabs,
@@ -169,21 +170,26 @@ def predict(
             )
             classes = back.label_sink(grid_shape, meta.num_classes)
             map_sinks = _map_sinks(config, meta, grid_shape)
+            if "probabilities" in map_sinks and _reusable(classes):  # the labels' own float16 sink
+                map_sinks["probabilities"] = classes
             sweep_slabs(
-                runner, d, x, meta.patch_size, [classes, *map_sinks.values()], overlap=config.overlap,
-                batch_size=batch, progress=progress, cancel=cancel,
+                runner, d, x, meta.patch_size, [classes, *(s for s in map_sinks.values() if s is not classes)],
+                overlap=config.overlap, batch_size=batch, progress=progress, cancel=cancel,
             )
             del x
             if back.resamples:
                 report(d, "resample")
             labels = back.labels(classes, cancel)
-            maps = {name: back.values(sink.result(), cancel) for name, sink in map_sinks.items()}
+            if map_sinks.get("probabilities") is classes:  # the labels' own sink, at temperature 1
+                _calibrate_in_place(classes.result(), meta.temperature)
+            maps = {name: back.values(sink.result(), cancel, np.float16) for name, sink in map_sinks.items()}
             del classes, map_sinks
             if config.postprocess:
                 check_cancel(cancel)
                 report(d, "postprocess")
                 keep_largest_components(labels, meta.kept_components)
-            results[d] = DomainResult(d, labels, maps)
+            notes = uncertainty_notes(meta, maps, labels)
+            results[d] = DomainResult(d, labels, maps, notes=notes, calibration=meta.calibration if maps else None)
             report(d, "done")
         del image
     return Prediction({d: results[d] for d in domains})
@@ -192,8 +198,62 @@ def predict(
 def _map_sinks(config: InferenceConfig, meta, grid_shape) -> dict[str, SlabSink]:
     """The per-voxel outputs besides the labels, by name (:attr:`DomainResult.maps`): one sink
     each on the network's grid, returning a float array (…, Z, Y, X) that goes back to the input's
-    grid as the labels do. None is asked for yet; a probability or uncertainty map is one entry."""
-    return {}
+    grid as the labels do (float16), at the domain's temperature. ``predict`` swaps the
+    probabilities' sink for the labels' own when they keep probabilities too (:func:`_reusable`)."""
+    sinks: dict[str, SlabSink] = {}
+    t = meta.temperature
+    if config.uncertainty:
+        sinks["uncertainty"] = UncertaintySink(grid_shape, meta.num_classes, t)
+    if config.probabilities:
+        sinks["probabilities"] = ProbabilitySink(grid_shape, meta.num_classes, torch.float16, t)
+    return sinks
+
+
+def _reusable(classes: SlabSink) -> bool:
+    """The labels' sink keeps float16 probabilities (a resampled domain) at temperature 1: the
+    probability map uses them, calibrated in place once the labels are made, instead of a copy."""
+    return (isinstance(classes, ProbabilitySink) and classes.probabilities.dtype == torch.float16
+            and classes.temperature == 1.0)
+
+
+def _calibrate_in_place(probabilities: torch.Tensor, temperature: float) -> None:
+    """Probabilities at temperature 1 (K, Z, Y, X) → at ``temperature``, class by class:
+    softmax(l / T) = p^(1/T) / Σ p^(1/T), so the logits are not needed again."""
+    if temperature == 1.0:
+        return
+    total = torch.zeros(probabilities.shape[1:], dtype=torch.float32)
+    for p in probabilities:
+        total += p.float().pow_(1.0 / temperature)
+    for p in probabilities:
+        p.copy_(p.float().pow_(1.0 / temperature).div_(total))
+
+
+# the mean uncertainty inside the predicted foreground, as a multiple of the domain's validation
+# figure, above which a result is flagged (bench/bench_calibration.py measured held-out and
+# wrong-domain images; docs/uncertainty.md)
+UNLIKE_TRAINING_RATIO = 2.0
+
+
+def uncertainty_notes(meta, maps: dict, labels: np.ndarray) -> list[str]:
+    """What a user should know about the probabilities or uncertainty asked for (nothing when
+    none were): the domain has no calibration, or the mean uncertainty inside the result is far
+    above the domain's validation cases' (``calibration["mean_uncertainty_fg"]``)."""
+    if not maps:
+        return []
+    cal, uncertainty = meta.calibration, maps.get("uncertainty")
+    if not cal:
+        note = (f"{meta.domain} has no calibration (an older model file): its probabilities and "
+                "uncertainty are the network's own (temperature 1), which tend to be overconfident")
+        return [note]
+    reference, fg = cal.get("mean_uncertainty_fg"), labels > 0
+    if uncertainty is None or not reference or not fg.any():
+        return []
+    mean = float(uncertainty[fg].mean(dtype=np.float64))
+    if mean >= UNLIKE_TRAINING_RATIO * reference:
+        note = (f"this scan looks unlike what {meta.domain} was trained on: check the result (mean "
+                f"uncertainty inside it {mean:.2f}, {mean / reference:.1f}× that of its validation cases)")
+        return [note]
+    return []
 
 
 def _grids(model, domains: list[str], affine_c, shape_c) -> dict:
@@ -266,17 +326,61 @@ class _WayBack:
         dtype = label_dtype(probs.shape[0] - 1)
         return self.to_input(_argmax(self.channels(probs, cancel), self.shape_c, dtype))
 
-    def values(self, array, cancel: CancelFlag) -> np.ndarray:
+    def values(self, array, cancel: CancelFlag, dtype=None) -> np.ndarray:
         """A per-voxel map (…, Z, Y, X) on the network's grid (numpy or a CPU tensor) → the
-        input's grid (linear; float32 when resampled, else its own dtype)."""
+        input's grid (linear, one channel at a time); ``dtype`` of the result (None: float32 when
+        resampled, else the map's own)."""
         array = np.asarray(array)
         if not self.resamples:
-            return self.to_input(array)
+            return self.to_input(array if dtype is None else array.astype(dtype, copy=False))
         lead = array.shape[:-3]
-        out = np.empty((int(np.prod(lead, dtype=int)), *self.shape_c), dtype=np.float32)
+        out = np.empty((int(np.prod(lead, dtype=int)), *self.shape_c), dtype=dtype or np.float32)
+        axes = _axis_map(self.grid_affine, self.affine_c)
+        if axes is not None:  # the usual case: the same linear interpolation, separable, in slabs
+            for i, channel in enumerate(array.reshape(-1, *array.shape[-3:])):
+                check_cancel(cancel)
+                _resample_separable(channel, *axes, out[i])
+            return self.to_input(out.reshape(*lead, *self.shape_c))
         for i, channel in enumerate(self.channels(array, cancel)):
             out[i] = channel
         return self.to_input(out.reshape(*lead, *self.shape_c))
+
+
+def _axis_map(grid_affine, affine_c):
+    """(scale, offset) with grid index = scale × input index + offset per axis, when the network's
+    grid is an axis-aligned rescaling of the canonical input grid (what :func:`resampled_grid`
+    makes); None otherwise."""
+    m = np.linalg.inv(grid_affine) @ affine_c
+    lin = m[:3, :3]
+    if not np.allclose(lin, np.diag(np.diag(lin)), atol=1e-9 * np.abs(lin).max()):
+        return None
+    return np.diag(lin).copy(), m[:3, 3].copy()
+
+
+def _resample_separable(channel, scale, offset, out: np.ndarray, rows: int = 16) -> None:
+    """Trilinear interpolation of ``channel`` (the network's grid) at the input grid's voxels into
+    ``out`` (any float dtype), axis by axis, positions clamped to the grid (nearest-voxel
+    extrapolation): the values :func:`training.io.resample.resample` gives, at a fraction of its
+    time and memory (the last axis goes out ``rows`` slices at a time)."""
+
+    def weights(axis: int, n_out: int, n_in: int, start: int = 0):
+        pos = np.clip((np.arange(start, start + n_out) * scale[axis] + offset[axis]), 0, n_in - 1)
+        i0 = np.minimum(np.floor(pos).astype(np.int64), max(n_in - 2, 0))
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy((pos - i0).astype(np.float32))
+
+    def along(t: torch.Tensor, axis: int, n_out: int, start: int = 0) -> torch.Tensor:
+        i0, i1, w = weights(axis, n_out, t.shape[axis], start)
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        return torch.lerp(t.index_select(axis, i0), t.index_select(axis, i1), w.reshape(shape))
+
+    t = torch.as_tensor(np.asarray(channel)).float()
+    t = along(along(t, 2, out.shape[2]), 1, out.shape[1])
+    target = torch.from_numpy(out)
+    for z0 in range(0, out.shape[0], rows):
+        n = min(rows, out.shape[0] - z0)
+        target[z0 : z0 + n] = along(t, 0, n, z0)
 
 
 def _argmax(channels: Iterable[np.ndarray], shape, dtype) -> np.ndarray:
@@ -295,17 +399,39 @@ def _argmax(channels: Iterable[np.ndarray], shape, dtype) -> np.ndarray:
 
 
 # -- files --------------------------------------------------------------------------------------
-def output_paths(output: str | Path, images: list, domains: list[str]) -> dict[str, Path]:
-    """Where each domain's labels go: OUT itself (a .nii/.nii.gz, one domain) or OUT/<case>_<domain>.nii.gz."""
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
+
+
+def output_paths(output: str | Path, images: list, domains: list[str], fmt: str | None = None) -> dict[str, Path]:
+    """Where each domain's labels go: OUT itself (a .nii/.nii.gz, or a .dcm DICOM SEG; one domain)
+    or OUT/<case>_<domain>.nii.gz (.dcm with ``fmt="dicom-seg"``). ``fmt`` None: by OUT's suffix."""
     output = Path(output)
-    if is_nifti(output):
+    if fmt is not None and fmt not in OUTPUT_FORMATS:
+        raise InputError(f"unknown output format {fmt!r}; choose one of: {', '.join(OUTPUT_FORMATS)}")
+    is_seg_file = output.suffix.lower() == ".dcm"
+    if (fmt == "nifti" and is_seg_file) or (fmt == "dicom-seg" and is_nifti(output)):
+        want = ".nii/.nii.gz" if fmt == "nifti" else ".dcm"
+        raise InputError(f"{output}: --format {fmt} writes {want} files; give such a path or a folder")
+    seg = fmt == "dicom-seg" or is_seg_file
+    if is_nifti(output) or is_seg_file:
         if len(domains) != 1:
             raise InputError(f"{output}: several domains need an output folder, not one file")
         return {domains[0]: output}
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: exists and is not a folder; give a folder or a .nii.gz path")
     case = case_name(images[0])
-    return {d: output / f"{case}_{d}.nii.gz" for d in domains}
+    return {d: output / f"{case}_{d}{'.dcm' if seg else '.nii.gz'}" for d in domains}
+
+
+def _write_seg(path: Path, model, domain: str, labels, volume: Volume, image: Path, overwrite: bool) -> Path:
+    """Labels as a DICOM SEG referencing the DICOM series ``image`` they were computed on."""
+    from training import __version__
+    from training.io.dicom_seg import write_seg
+
+    meta = model.meta(domain)
+    series = volume.meta.get("dicom_series")
+    return write_seg(path, labels, volume.affine, image, meta.class_names, [c.color for c in meta.classes],
+                     domain=domain, series=series, version=__version__, overwrite=overwrite)
 
 
 def predict_files(
@@ -318,13 +444,15 @@ def predict_files(
     cancel: CancelFlag = None,
     overwrite: bool = False,
     series: str | None = None,
+    fmt: str | None = None,
 ) -> Prediction:
     """Read one case (its modality files, a 4D file, a DICOM file or folder), segment it, write
     labels; returns the :class:`Prediction` with each result's ``path``.
 
     ``model`` is a loaded :class:`~training.model.modelfile.Model`, a model directory, or None for the
     bundled model; ``series`` picks a series of a DICOM folder that holds several. Nothing is
-    written unless every domain succeeded.
+    written unless every domain succeeded. ``fmt``: "nifti" or "dicom-seg" (a DICOM SEG referencing
+    the input's series; the input must be DICOM); None: by the output's suffix (.dcm: SEG).
     """
     from training.io.atomic import check_writable
     from training.model.modelfile import Model, load_model
@@ -333,7 +461,12 @@ def predict_files(
     if isinstance(images, (str, Path)):
         images = [images]
     images = [Path(p) for p in images]
-    paths = output_paths(output, images, domains)
+    paths = output_paths(output, images, domains, fmt)
+    seg = any(p.suffix.lower() == ".dcm" for p in paths.values())
+    if seg:  # a SEG of a NIfTI, a multi-frame file or UID-less files is refused before any work
+        from training.io.dicom_seg import check_seg_source
+
+        check_seg_source(images[0], series)
     resolved_inputs = {p.resolve() for p in images}
     for path in paths.values():
         if path.resolve() in resolved_inputs:
@@ -346,5 +479,8 @@ def predict_files(
     volume = read_image(images if len(images) > 1 else images[0], series=series)
     prediction = predict(model, volume, domains, config, progress, cancel)
     for d, path in paths.items():  # exclusive unless overwriting: a file another run wrote meanwhile is kept
+        if seg:
+            prediction[d].path = _write_seg(path, model, d, prediction[d].labels, volume, images[0], overwrite)
+            continue
         prediction[d].path = write_labels(path, prediction[d].labels, volume.affine, like=volume, overwrite=overwrite)
     return prediction

@@ -19,14 +19,17 @@ class DomainResult:
 
     domain: str
     labels: np.ndarray  # (Z, Y, X) uint8 (uint16 beyond 256 classes), exactly the input's shape
-    # Further per-voxel outputs by name (e.g. probabilities), each (…, Z, Y, X) on the same grid;
-    # none yet by default.
+    # Further per-voxel outputs by name, each (…, Z, Y, X) float16 on the same grid: "uncertainty"
+    # and "probabilities" when InferenceConfig asks for them; none by default.
     maps: dict[str, np.ndarray] = field(default_factory=dict)
     path: Path | None = None  # where the labels were written (predict_files), if they were
     # What the user should know about this result, in their words, one sentence each (an empty
     # result, one that cannot be what the domain describes…): the CLI prints them as warnings, the
     # plugin shows them in its notification.
     notes: list[str] = field(default_factory=list)
+    # the domain's calibration (its adapter metadata's entry: temperature, volume interval scales)
+    # when probabilities or uncertainty were computed with it; what training/infer/measure.py reads
+    calibration: dict | None = None
 
     @property
     def empty(self) -> bool:

@@ -10,8 +10,8 @@ by slab along axis 0: once every tile starting at z has run, the voxels before t
 are final, so they go out as a :class:`Slab` and the accumulator (only one patch deep) rolls
 on. What is kept of each slab is the caller's choice, one *sink* per output
 (:class:`SlabSink`): argmax labels (:class:`LabelSink`, never forming probabilities),
-probabilities in a chosen precision (:class:`ProbabilitySink`), or any other per-voxel
-reduction. A new output is a new sink; the sweep itself does not change.
+probabilities in a chosen precision (:class:`ProbabilitySink`), the normalised entropy
+(:class:`UncertaintySink`), or any other per-voxel reduction. A new output is a new sink; the sweep itself does not change.
 """
 
 from __future__ import annotations
@@ -100,13 +100,16 @@ class Slab:
         self.z0, self.z1 = z0, z1
         self._logit_sum = logit_sum  # (K, z1-z0, Y, X) on the accumulator's device
         self._weight = weight  # (z1-z0, Y, X), positive
-        self._probabilities: torch.Tensor | None = None
+        self._probabilities: dict[float, torch.Tensor] = {}
 
-    def probabilities(self) -> torch.Tensor:
-        """Softmax probabilities (K, z1-z0, Y, X) float32 on the CPU."""
-        if self._probabilities is None:
-            self._probabilities = torch.softmax(self._logit_sum / self._weight, dim=0).cpu()
-        return self._probabilities
+    def probabilities(self, temperature: float = 1.0) -> torch.Tensor:
+        """Softmax probabilities (K, z1-z0, Y, X) float32 on the CPU of the logits divided by
+        ``temperature`` (the domain's calibration; 1: as the network gives them). The argmax is
+        the same at any temperature."""
+        t = float(temperature)
+        if t not in self._probabilities:
+            self._probabilities[t] = torch.softmax(self._logit_sum / (self._weight * t), dim=0).cpu()
+        return self._probabilities[t]
 
     def argmax(self) -> torch.Tensor:
         """The most probable class (z1-z0, Y, X) on the CPU; the weights are positive, so the
@@ -137,16 +140,40 @@ class LabelSink:
 
 class ProbabilitySink:
     """Softmax probabilities (K, Z, Y, X) on the CPU, stored as ``dtype`` (float16 halves what a
-    volume that is resampled afterwards costs)."""
+    volume that is resampled afterwards costs), at ``temperature`` (see :meth:`Slab.probabilities`)."""
 
-    def __init__(self, shape, num_classes: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, shape, num_classes: int, dtype: torch.dtype = torch.float32, temperature: float = 1.0):
         self.probabilities = torch.empty((num_classes, *shape), dtype=dtype)
+        self.temperature = float(temperature)
 
     def add(self, slab: Slab) -> None:
-        self.probabilities[:, slab.z0 : slab.z1] = slab.probabilities()
+        self.probabilities[:, slab.z0 : slab.z1] = slab.probabilities(self.temperature)
 
     def result(self) -> torch.Tensor:
         return self.probabilities
+
+
+def normalized_entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """Entropy of class probabilities (K, …) over axis 0 divided by log K: 0 where one class is
+    certain, 1 where all are equally likely (float32, clamped to [0, 1])."""
+    k = probabilities.shape[0]
+    h = -torch.special.xlogy(probabilities, probabilities).sum(0)
+    return (h / math.log(k)).clamp_(0, 1)
+
+
+class UncertaintySink:
+    """Per-voxel uncertainty (Z, Y, X) float16: the :func:`normalized_entropy` of the probabilities
+    at ``temperature``, formed slab by slab (never all classes of the volume at once)."""
+
+    def __init__(self, shape, num_classes: int, temperature: float = 1.0):
+        self.uncertainty = torch.empty(tuple(shape), dtype=torch.float16)
+        self.temperature = float(temperature)
+
+    def add(self, slab: Slab) -> None:
+        self.uncertainty[slab.z0 : slab.z1] = normalized_entropy(slab.probabilities(self.temperature))
+
+    def result(self) -> torch.Tensor:
+        return self.uncertainty
 
 
 # -- out-of-memory policy -----------------------------------------------------------------------

@@ -88,6 +88,18 @@ class AdapterMeta:
     trunk_hash: str = ""
     provenance: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # the model card's own words (training/model/card.py: "data", "intended_use", "limits", …);
+    # empty in older files, whose card is derived from the provenance
+    card: dict = field(default_factory=dict)
+    # temperature scaling fitted on validation cases (training/train/calibration.py): {"temperature",
+    # "ece_before", "ece_after", "cases", "mean_uncertainty_fg", "volume_interval"}; None in older
+    # files, whose probabilities are used as the network gives them (temperature 1)
+    calibration: dict | None = None
+
+    @property
+    def temperature(self) -> float:
+        """What inference divides the logits by before the softmax (1: not calibrated)."""
+        return float(self.calibration["temperature"]) if self.calibration else 1.0
 
     @property
     def in_channels(self) -> int:
@@ -217,7 +229,9 @@ def validate_adapter_meta(d) -> None:
     1–1024; ``pool_counts`` null or 3 integers in 0–16; ``normalization`` empty or one spec per
     modality, each a known scheme with its statistics (CT: clip [lo ≤ hi], mean, std ≥ 0, all
     finite; zscore: nonzero a boolean); ``components`` null or one integer ≥ 0 per class;
-    ``modality``/``description``/``trunk_hash`` text; ``provenance`` an object;
+    ``modality``/``description``/``trunk_hash`` text; ``provenance`` an object; ``card`` an
+    object of texts, numbers or lists of texts; ``calibration`` null or an object with a
+    temperature in 0.05–20 (:func:`_calibration_field`);
     ``format_version`` an integer ≥ 1. Unknown keys are allowed (newer writers may add some).
     """
     if not isinstance(d, dict):
@@ -259,7 +273,55 @@ def validate_adapter_meta(d) -> None:
         _int_list(d, "components", len(classes), 0, MAX_COMPONENTS, "components kept per class")
     for key in ("modality", "description"):
         _str_field(d, key)
+    _card_field(d)
+    _calibration_field(d, len(classes))
     _common_fields(d)
+
+
+def _card_field(d: dict) -> None:
+    """``card``: an object of short texts, numbers or lists of texts (no nesting: it is shown as is)."""
+    card = d.get("card", {})
+    ok = isinstance(card, dict) and len(card) <= 64 and all(
+        isinstance(k, str) and len(k) <= 64 and (
+            v is None or isinstance(v, (bool, str)) or _is_number(v)
+            or (isinstance(v, list) and len(v) <= 256 and all(isinstance(x, str) for x in v)))
+        and len(json.dumps(v)) <= 20_000
+        for k, v in card.items())
+    if not ok:
+        raise MetadataError(f"card must be an object of texts, numbers or lists of texts, got {_short(card)}")
+
+
+TEMPERATURE_RANGE = (0.05, 20.0)  # beyond it a "calibration" only says the fit went wrong
+
+
+def _calibration_field(d: dict, num_classes: int) -> None:
+    """``calibration``: null, or an object with ``temperature`` (a number in 0.05–20), optional
+    fractions ``ece_before``/``ece_after``/``mean_uncertainty_fg`` in 0–1, ``cases`` ≥ 0 and
+    ``volume_interval`` {``nominal`` in (0, 1), ``scale``: one number ≥ 0 per foreground class}."""
+    cal = d.get("calibration")
+    if cal is None:
+        return
+    if not isinstance(cal, dict):
+        raise MetadataError(f"calibration must be an object with a temperature, got {_short(cal)}")
+    t = cal.get("temperature")
+    lo, hi = TEMPERATURE_RANGE
+    if not (_is_number(t) and lo <= t <= hi):
+        raise MetadataError(f"calibration.temperature must be a number from {lo:g} to {hi:g}, got {_short(t)}")
+    for key in ("ece_before", "ece_after", "mean_uncertainty_fg"):
+        v = cal.get(key)
+        if v is not None and not (_is_number(v) and 0 <= v <= 1):
+            raise MetadataError(f"calibration.{key} must be a number from 0 to 1, got {_short(v)}")
+    if cal.get("cases") is not None and not (_is_int(cal["cases"]) and cal["cases"] >= 0):
+        raise MetadataError(f"calibration.cases must be a whole number ≥ 0, got {_short(cal['cases'])}")
+    vi = cal.get("volume_interval")
+    if vi is not None:
+        scale = vi.get("scale") if isinstance(vi, dict) else None
+        nominal = vi.get("nominal") if isinstance(vi, dict) else None
+        if not (isinstance(scale, list) and len(scale) == num_classes - 1
+                and all(_is_number(x) and 0 <= x <= 1e6 for x in scale)
+                and _is_number(nominal) and 0 < nominal < 1):
+            raise MetadataError(f"calibration.volume_interval must be {{\"nominal\": a fraction, \"scale\": one "
+                                f"number ≥ 0 per foreground class ({num_classes - 1})}}, got {_short(vi)}")
 
 
 def validate_trunk_meta(d) -> None:

@@ -97,6 +97,7 @@ def adapt(
     def write_model(net, done: int, metrics: dict) -> None:
         per = {"val_dice": (metrics.get("val_dice") or {}).get(name)} if metrics else {}
         data.meta.provenance = provenance(config, done, per, {**base_prov, "adapted": True})
+        data.meta.calibration = (metrics.get("calibration") or {}).get(name, data.meta.calibration)
         save_adapter(adapter_path(model_dir, name), net, data.meta, trunk_hash)
 
     return run_training(

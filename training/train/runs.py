@@ -121,6 +121,7 @@ def train_model(
         for d in domains:
             per = {"val_dice": (metrics.get("val_dice") or {}).get(d.name)} if metrics else {}
             d.meta.provenance = provenance(config, done, per, base_prov[d.name])
+            d.meta.calibration = (metrics.get("calibration") or {}).get(d.name, d.meta.calibration)
         save_model(model_dir, net, metas, provenance=provenance(config, done, metrics, {"domains": names}))
 
     return run_training(

@@ -131,9 +131,11 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def validate(net: U2Net, data: DomainData, device: torch.device, overlap: float = InferenceConfig.overlap) -> dict:
+def validate(net: U2Net, data: DomainData, device: torch.device, overlap: float = InferenceConfig.overlap,
+             keep=None) -> dict:
     """Per-class Dice over the validation cases (sliding window with inference's overlap, so the
-    figure is what ``predict`` would score)."""
+    figure is what ``predict`` would score). ``keep``: a
+    :class:`~training.train.calibration.CalibrationSet` that gets each case's probabilities."""
     from training.infer.sliding_window import sliding_window
 
     names = data.meta.class_names[1:]
@@ -143,6 +145,8 @@ def validate(net: U2Net, data: DomainData, device: torch.device, overlap: float 
         probs = sliding_window(net, data.name, image, data.patch_size, overlap=overlap, device=device,
                                copy_for_speed=False)  # no copy of every adapter per validation
         pred = probs.argmax(0).numpy()
+        if keep is not None:
+            keep.add(probs, np.asarray(case.label))
         scores.append(dice_per_class(pred, np.asarray(case.label), data.meta.num_classes))
     if not scores:
         return {}
@@ -210,6 +214,7 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.state_path = Path(work_dir) / STATE_FILE if work_dir is not None else None
         self.model = net  # the DDP wrapper under torchrun, after _resume (see _wrap)
+        self.calibration: dict = {}  # {domain: its calibration entry}, fitted at each validation
 
     def resume(self) -> int:
         """Weights, optimizer, scaler and RNG states from ``state.pt``; the iterations already done."""
@@ -277,8 +282,17 @@ class _Trainer:
             return None
         if not self.dist.is_main or not any(x.val for x in self.domains):
             return None
+        from training.train.calibration import CalibrationSet
+
         self.net.eval()
-        return {x.name: validate(self.net, x, self.device) for x in self.domains if x.val}
+        out = {}
+        for x in self.domains:
+            if x.val:  # the validation's probabilities also fit the domain's temperature
+                kept = CalibrationSet(x.meta.num_classes, float(np.prod(x.meta.spacing)) / 1000.0,
+                                      config.ignore_index)
+                out[x.name] = validate(self.net, x, self.device, keep=kept)
+                self.calibration[x.name] = kept.fit(seed=config.seed)
+        return out
 
     def checkpoint_due(self, done: int) -> bool:
         return _due(done, self.config.checkpoint_every) or done == self.config.iterations
@@ -352,7 +366,8 @@ def run_training(
         done = it + 1
         val = trainer.validate(done)
         if val is not None:
-            metrics = {"val_dice": val, "val_mean": _mean_val(val), "iteration": done}
+            metrics = {"val_dice": val, "val_mean": _mean_val(val), "iteration": done,
+                       "calibration": dict(trainer.calibration)}
         if trainer.checkpoint_due(done):
             trainer.checkpoint(done, metrics)
         seconds = time.perf_counter() - t0
