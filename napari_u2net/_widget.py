@@ -16,6 +16,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,12 @@ from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QVBoxLayout, QWidget
 
 from training.errors import InputError
 from training.infer.config import InferenceConfig, validate_config
+from training.infer.measure import measure_result
 from training.model.domain_match import BLANK, UNKNOWN, pick_domain, read_values
 
 from . import _jobs
 from ._devices import start_device_probe
+from ._domain_share import DomainShare
 from ._geometry import META_KEY, layer_volume, result_geometry, with_leading_axes
 from ._models import ModelChoice, load_model_job, model_choices
 from ._orientation import prepare_for_reading
@@ -96,6 +99,17 @@ def insert_layer_smoothly(viewer, index: int, layer) -> None:
         QTimer.singleShot(_STEP_DELAY_MS, next_step)
 
 
+def _folder_label(folder: Path) -> str:
+    """How the model picker names a folder: "Yours" for the user's models in the cache (as
+    :func:`~._models.model_choices` lists them after a restart), else "Folder"."""
+    from training.io.folders import cache_dir
+
+    try:
+        return "Yours" if folder.resolve().parent == (cache_dir() / "models").resolve() else "Folder"
+    except (OSError, InputError):
+        return "Folder"
+
+
 def _ensure_worker_threads(minimum: int = 6) -> None:
     """napari's workers share Qt's global pool, sized to the CPU count (2 on small machines):
     a slow download and a device probe could then hold back the segmentation. Raise the floor."""
@@ -137,6 +151,14 @@ def segment_to_layers(request: RunRequest, cancel, predict_fn, build: Callable):
     return {d: build(prediction[d]) for d in request.domains}
 
 
+# How a per-voxel map shows: the uncertainty (0 sure … 1 unsure) in a perceptual colour map over
+# the image, so that sure regions stay dark and unsure ones glow.
+MAP_STYLE = {"uncertainty": {"colormap": "inferno", "contrast_limits": (0.0, 1.0), "opacity": 0.7}}
+# Maps that are only means to an end: the class probabilities give the measurements' expected
+# volumes and intervals, and as C image layers they would only crowd the layer list.
+HIDDEN_MAPS = ("probabilities",)
+
+
 def result_layers(image_name: str, geometry: dict, result, meta, volume, model_dir) -> tuple:
     """One domain's :class:`~training.infer.result.DomainResult` as layers on the image's grid: a
     Labels layer (classes, colours, provenance) and an Image layer ``<image> <domain> <map>`` per
@@ -155,9 +177,10 @@ def result_layers(image_name: str, geometry: dict, result, meta, volume, model_d
         # the file's own grid, so the writer restores its array order without the image layer
         **{k: volume.meta[k] for k in ("source_affine", "source_shape", "orientation") if k in volume.meta},
     }
+    measurements = [asdict(m) for m in measure_result(result, volume, meta.class_names)]
     metadata = {META_KEY: {**base, "classes": meta.class_names, "shape": tuple(labels.shape),
                            "result_hash": labels_hash(labels), "empty": result.empty,
-                           "notes": list(result.notes)}}
+                           "notes": list(result.notes), "measurements": measurements}}
     name = f"{image_name} {result.domain}"
     labels_layer = Labels(
         labels, name=name, colormap=label_colormap(meta), features=class_features(meta),
@@ -165,8 +188,9 @@ def result_layers(image_name: str, geometry: dict, result, meta, volume, model_d
     )
     maps = [
         Image(np.asarray(data), name=f"{name} {key}", metadata={META_KEY: {**base, "map": key}},
-              blending="additive", **with_leading_axes(geometry, np.ndim(data) - 3))
+              blending="additive", **MAP_STYLE.get(key, {}), **with_leading_axes(geometry, np.ndim(data) - 3))
         for key, data in result.maps.items()
+        if key not in HIDDEN_MAPS
     ]
     return labels_layer, maps
 
@@ -217,6 +241,7 @@ class DomainSelectorWidget(QWidget):
         g.image_combo.currentIndexChanged.connect(lambda _i: self._on_image_choice())
         g.window_combo.activated.connect(lambda _i: self._apply_window())
         g.domain_list.itemChanged.connect(lambda _item: self._on_ticks_changed())
+        self.share = DomainShare(self)  # Card… / Export… / Import… (.u2d files)
 
         follow_layers(self.viewer, self._refresh_images, self.follow_image)
         self._refresh_images()
@@ -470,10 +495,10 @@ class DomainSelectorWidget(QWidget):
     def set_model_dir(self, folder: str | Path, domains: list[str] | None = None) -> None:
         """Use a model directory from disk (a picked folder, or a freshly fine-tuned model)."""
         folder = Path(folder)
-        choice = ModelChoice(f"Folder: {folder.name}", "local", str(folder), True, str(folder), folder)
+        choice = ModelChoice(f"{_folder_label(folder)}: {folder.name}", "local", str(folder), True, str(folder), folder)
         combo = self.gui.model_combo
         for i, c in enumerate(self._choices):
-            if c.kind == "local" and Path(c.spec) == folder:
+            if (c.kind == "local" and Path(c.spec) == folder) or (c.path is not None and Path(c.path) == folder):
                 self._pending_domains = domains
                 if combo.currentIndex() == i:
                     self._on_model_choice(i)
@@ -570,10 +595,9 @@ class DomainSelectorWidget(QWidget):
         lst.clear()
         for name, meta in self.model.adapters.items():
             classes = ", ".join(meta.class_names[1:]) or "—"
-            mods = ", ".join(meta.modalities)
             item = QListWidgetItem(f"{name}  ·  {meta.modality}, {meta.in_channels} input(s)\n    {classes}")
             item.setData(Qt.UserRole, name)
-            item.setToolTip(f"{meta.description or name}\nmodalities: {mods}\nclasses: {classes}")
+            item.setToolTip(DomainShare.tooltip(meta))  # the domain's model card
             item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
             item.setCheckState(Qt.Checked if name in check else Qt.Unchecked)
             lst.addItem(item)
@@ -652,6 +676,9 @@ class DomainSelectorWidget(QWidget):
             postprocess=g.postprocess_check.isChecked(),
             backend=g.backend_combo.currentData(),
             amp=g.amp_check.isChecked(),
+            # the probabilities give the expected volumes and intervals; only the measurements keep them
+            uncertainty=g.uncertainty_check.isChecked(),
+            probabilities=g.uncertainty_check.isChecked(),
         )
         validate_config(config)
         return config

@@ -103,6 +103,7 @@ class DomainSelectorGui(ScrollingPanel):
         self.domain_list.setWordWrap(True)
         self.domain_list.setMinimumHeight(120)
         domains_layout.addWidget(self.domain_list)
+        self._add_share_row(domains_layout)
         outer.addWidget(domains_box, stretch=1)
 
         options = QFormLayout()
@@ -132,16 +133,40 @@ class DomainSelectorGui(ScrollingPanel):
         self.amp_check = QCheckBox("mixed precision (CUDA only)")
         self.amp_check.setChecked(InferenceConfig.amp)
         options.addRow("", self.amp_check)
+        self.uncertainty_check = QCheckBox("uncertainty map, volume intervals")
+        self.uncertainty_check.setToolTip(
+            "Also show where the model is unsure (0 sure … 1 unsure) and give each structure's volume "
+            "with an interval (Measurements panel); costs some time and memory"
+        )
+        # On in the panel (the core's default is off): it is what warns that a scan looks unlike the
+        # domain's training data (a 2-volume fMRI run with prostate-mr: 4.2× its validation
+        # uncertainty), for +13 % time on a CT-sized scan (bench/bench_calibration.py)
+        self.uncertainty_check.setChecked(True)
+        options.addRow("Uncertainty", self.uncertainty_check)
         outer.addLayout(options)
 
         self.run_button, self.cancel_button, self.progress_bar, self.status_label = self.add_footer(
             "Run", "Cancel", status_lines=2
         )
 
+    def _add_share_row(self, layout) -> None:
+        """Card… / Export… / Import… under the domain list (sharing a domain as one .u2d file)."""
+        row = QHBoxLayout()
+        self.card_button = QPushButton("Card…")
+        self.card_button.setToolTip("The ticked domain's model card: data, held-out Dice, intended use, limits")
+        self.export_button = QPushButton("Export…")
+        self.export_button.setToolTip("Save the ticked domain as one .u2d file to give to a colleague")
+        self.import_button = QPushButton("Import…")
+        self.import_button.setToolTip("Add a domain from a .u2d file (it must come from a model with this trunk)")
+        self.share_buttons = (self.card_button, self.export_button, self.import_button)
+        for b in self.share_buttons:
+            row.addWidget(b)
+        layout.addLayout(row)
+
     def set_running(self, running: bool) -> None:
         """Lock the inputs while a job runs; only Cancel stays live."""
         for w in (self.image_combo, self.model_combo, self.folder_button, self.domain_list,
                   self.device_combo, self.backend_combo, self.overlap_spin, self.postprocess_check,
-                  self.batch_spin, self.amp_check, self.run_button):
+                  self.batch_spin, self.amp_check, self.uncertainty_check, self.run_button, *self.share_buttons):
             w.setEnabled(not running)
         self.cancel_button.setEnabled(running)

@@ -390,7 +390,7 @@ def test_per_voxel_maps_become_image_layers_on_the_image_grid(make_napari_viewer
     )
     predict = ThresholdPredict(maps={
         "certainty": lambda img: (img / img.max()).astype(np.float32),
-        "probabilities": lambda img: np.stack([1 - img / img.max(), img / img.max()]).astype(np.float32),
+        "scores": lambda img: np.stack([1 - img / img.max(), img / img.max()]).astype(np.float32),
     })
     widget = make_widget(viewer, qtbot, model_dir, predict)
     widget.set_checked_domains(["ct"])
@@ -404,7 +404,7 @@ def test_per_voxel_maps_become_image_layers_on_the_image_grid(make_napari_viewer
         np.testing.assert_allclose(getattr(layer, part), getattr(image, part))
     np.testing.assert_array_equal(layer.affine.affine_matrix, image.affine.affine_matrix)
     np.testing.assert_allclose(layer._data_to_world.affine_matrix, labels._data_to_world.affine_matrix, atol=1e-12)
-    probs = viewer.layers["scan ct probabilities"]
+    probs = viewer.layers["scan ct scores"]  # a map with a class axis ("probabilities" only feeds the measurements)
     assert probs.data.shape == (2, *blob_image().shape)
     np.testing.assert_allclose(  # the spatial axes sit where the image's are
         probs._data_to_world.affine_matrix[1:, 1:], image._data_to_world.affine_matrix, atol=1e-9
@@ -434,7 +434,10 @@ def test_run_options_are_the_core_inference_config(make_napari_viewer, qtbot, mo
     if not openvino.isEnabled():
         assert "openvino" in openvino.toolTip()
     run_and_wait(widget, qtbot)
-    assert predict.calls[-1]["config"] == InferenceConfig(device=g.device_combo.currentData())
+    # the panel's one own default: uncertainty (and the probabilities behind the volumes) on
+    assert predict.calls[-1]["config"] == InferenceConfig(
+        device=g.device_combo.currentData(), uncertainty=True, probabilities=True
+    )
     g.backend_combo.setCurrentIndex(g.backend_combo.findData("compiled"))
     g.batch_spin.setValue(3)
     g.amp_check.setChecked(False)
