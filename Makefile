@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch first, pinned, so that pip never pulls a multi-GB CUDA build (pyproject keeps a range).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= pyqt5,test,nilearn,openvino
+EXTRAS ?= pyqt6,test,nilearn,openvino
 APT_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 \
 	libxcb-render-util0 libxcb-image0 libxcb-shape0 libxcb-randr0 libxkbcommon-x11-0 \
 	libgl1 libegl1 libfontconfig1 libdbus-1-3 g++
@@ -46,13 +46,17 @@ bench: setup
 # cases per domain (each resume recomputes the poly learning-rate schedule for the new total, so the
 # rate steps back up); the last stage then teaches heart-mr on the frozen trunk (600 adapter-only
 # iterations) and leaves kidney-ct's adapter out (its tumour stays below the quality bar), and
-# scores every domain on 20 held-out cases. Work files (data, checkpoints) stay in
-# .cache/default-model; ~4 h on 2 CPU cores.
+# scores every domain on 20 held-out cases; last, each domain's model card is written into its
+# metadata (scripts/domain_cards.py; weights untouched), and each domain's temperature and volume
+# interval are fitted on 20 held-out cases (scripts/calibrate_default.py; weights untouched). Work
+# files (data, checkpoints) stay in .cache/default-model; ~4 h on 2 CPU cores.
 model: setup
 	$(PY) -m scripts.default_model resources/models/default --iterations 2000 --cases 16
 	$(PY) -m scripts.default_model resources/models/default --resume --iterations 4500 --cases 16
 	$(PY) -m scripts.default_model resources/models/default --resume --iterations 6500 --cases 48 \
 		--adapt heart-mr=600 --domain-size-scale heart-mr=1.0 --withhold kidney-ct
+	$(PY) -m scripts.domain_cards resources/models/default
+	$(PY) -m scripts.calibrate_default resources/models/default
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache

@@ -21,10 +21,6 @@ PLUGIN = "napari-u2net"
 
 
 def _viewer():
-    import warnings
-
-    # napari 0.9 shows a toast about PyQt5's deprecation on every start: not what the shot is about
-    warnings.filterwarnings("ignore", message=".*PyQt5 backend is deprecated.*")
     import napari
 
     from napari_u2net._orientation import prepare_for_reading
