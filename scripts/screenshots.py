@@ -116,7 +116,25 @@ def both_docks_1366x768() -> None:
     viewer.close()
 
 
-SHOTS = {f.__name__: f for f in (domain_selector, sagittal_segmented, both_docks_1366x768)}
+def measurements() -> None:
+    """The CT sample segmented with uncertainty on: the uncertainty layer over the image and the
+    Measurements dock beside the domain selector."""
+    viewer = _viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Domain selector")
+    viewer.window.add_plugin_dock_widget(PLUGIN, "Measurements")
+    viewer.open_sample(PLUGIN, "synthetic_ct")
+    widget.gui.uncertainty_check.setChecked(True)
+    _segment(viewer, widget, ["spleen-ct"])
+    for layer in viewer.layers:
+        if layer.name.endswith("truth"):
+            layer.visible = False  # the result and its uncertainty, not the reference
+    viewer.reset_view()
+    _settle(viewer, 1.5)
+    _save(viewer, "measurements")
+    viewer.close()
+
+
+SHOTS = {f.__name__: f for f in (domain_selector, sagittal_segmented, both_docks_1366x768, measurements)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,11 @@ def test_reader_layer_places_voxels_in_ras_mm(path):
 def test_reader_ignores_other_files(tmp_path):
     (tmp_path / "a.tif").write_bytes(b"x")
     assert napari_get_reader(str(tmp_path / "a.tif")) is None
-    assert napari_get_reader(str(tmp_path)) is None  # a folder without DICOM files
+    # a folder without DICOM files goes to napari's own reader (the plugin is napari's preferred
+    # reader for folders, so that DICOM folders open without a prompt; issue #16.7)
+    builtin = pytest.importorskip("napari_builtins.io").napari_get_reader
+    assert napari_get_reader(str(tmp_path)) is builtin(str(tmp_path))
+    assert napari_get_reader(str(tmp_path)) is not read_volume
 
 
 @pytest.mark.parametrize("path", [ANATOMICAL, OBLIQUE_4D])
