@@ -38,15 +38,18 @@ from ._geometry import META_KEY
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("Result", "Structure", "Volume (mL)", "Expected (mL)", "Interval (mL)", "Mean ± SD")
+# Few, short columns: the dock is narrow. Each result is a bold row spanning the table, its
+# structures follow; "Model" is the expected volume with its 90 % interval.
+COLUMNS = ("Structure", "Volume (mL)", "Model (mL)", "Mean ± SD")
 EDIT_DELAY_MS = 300  # one re-measure after a burst of brush strokes, not one per stroke
-PREDICTED_TIP = "From the model's probabilities when it segmented the image (hand edits do not change it)"
+PREDICTED_TIP = ("The model's expected volume and its 90 % interval, from its probabilities when it segmented "
+                 "the image (hand edits do not change it)")
 
 
 def result_meta(layer) -> dict | None:
     """The result metadata of a Labels layer made by the domain selector, else None."""
     meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
-    if getattr(layer, "_type_string", "") != "labels" or not meta or "classes" not in meta:
+    if getattr(layer, "_type_string", "") != "labels" or not meta or "classes" not in meta or "affine" not in meta:
         return None
     return meta
 
@@ -76,9 +79,11 @@ class MeasurementsWidget(QWidget):
         self._connected: set[int] = set()
 
         layout = QVBoxLayout(self)
-        self.info_label = QLabel(
-            "Each result's structures: volume from the labels (follows your edits); expected volume and "
-            "interval from the model (tick 'Uncertainty' in the domain selector); intensity inside."
+        self.info_label = QLabel("Volume follows your edits; Model: expected volume (90 % interval).")
+        self.info_label.setToolTip(
+            "Volume: the labels' voxels × the voxel volume. Model: the expected volume and its 90 % interval "
+            "from the model's probabilities ('Uncertainty' in the domain selector). Mean ± SD: the image "
+            "intensity inside (HU on CT)."
         )
         self.info_label.setWordWrap(True)
         layout.addWidget(self.info_label)
@@ -120,8 +125,11 @@ class MeasurementsWidget(QWidget):
                     if emitter is not None:
                         emitter.connect(lambda _e, lay=layer: self._on_edit(lay))
             if layer.name not in self.rows:
-                self.rows[layer.name] = [dict(r) for r in result_meta(layer).get("measurements", [])]
+                measured = result_meta(layer).get("measurements")
+                self.rows[layer.name] = [dict(r) for r in measured or []]
                 self.edited[layer.name] = False
+                if measured is None:  # labels of ours without a result's figures (a reference): measure them
+                    self._on_edit(layer)
         for gone in set(self.rows) - names:
             self.rows.pop(gone, None)
             self.edited.pop(gone, None)
@@ -176,7 +184,8 @@ class MeasurementsWidget(QWidget):
                 row[key] = old.get(key)
             rows.append(row)
         self.rows[name] = rows
-        self.edited[name] = labels_hash != result_hash  # an undo back to the result is not an edit
+        # an undo back to the result is not an edit; labels that are no result (a reference) are never "edited"
+        self.edited[name] = result_hash is not None and labels_hash != result_hash
         self._fill()
 
     def _on_worker_done(self, name: str) -> None:
@@ -184,21 +193,37 @@ class MeasurementsWidget(QWidget):
 
     # -- showing --------------------------------------------------------------------------------------
     def _fill(self) -> None:
-        lines = [(name, row) for name, rows in self.rows.items() for row in rows]
+        from qtpy.QtGui import QFont
+
+        lines: list[tuple[str, dict | None]] = []
+        for name, rows in self.rows.items():
+            lines.append((name, None))
+            lines += [(name, row) for row in rows]
+        self.table.clearSpans()
         self.table.setRowCount(len(lines))
+        bold = QFont()
+        bold.setBold(True)
         for i, (name, row) in enumerate(lines):
-            result = name + (" (edited)" if self.edited.get(name) else "")
-            interval = "—" if row.get("low_ml") is None else f"{row['low_ml']:.1f} – {row['high_ml']:.1f}"
+            if row is None:  # the result's own row
+                item = QTableWidgetItem(name + (" (edited)" if self.edited.get(name) else ""))
+                item.setFont(bold)
+                item.setToolTip(name)
+                self.table.setItem(i, 0, item)
+                for j in range(1, len(COLUMNS)):
+                    self.table.setItem(i, j, QTableWidgetItem(""))
+                self.table.setSpan(i, 0, 1, len(COLUMNS))
+                continue
+            model = "—" if row.get("expected_ml") is None else (
+                f"{row['expected_ml']:.1f} ({row['low_ml']:.1f}–{row['high_ml']:.1f})")
             spread = "—" if row.get("mean") is None else f"{row['mean']:.0f} ± {row['std']:.0f}"
-            cells = (result, row["name"], _number(row["volume_ml"]), _number(row.get("expected_ml")), interval, spread)
-            for j, text in enumerate(cells):
+            for j, text in enumerate((row["name"], _number(row["volume_ml"]), model, spread)):
                 item = QTableWidgetItem(text)
-                if j >= 2:
+                if j >= 1:
                     item.setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
-                if j in (3, 4):
+                if j == 2:
                     item.setToolTip(PREDICTED_TIP)
                 self.table.setItem(i, j, item)
-        self.export_button.setEnabled(bool(lines))
+        self.export_button.setEnabled(bool(self.rows))
 
     # -- export ---------------------------------------------------------------------------------------
     def stats_rows(self) -> list[dict]:

@@ -57,7 +57,7 @@ def segmented(make_napari_viewer, qtbot, model_dir):
 
 
 def test_uncertainty_layer_and_measurements_of_a_result(segmented):
-    viewer, widget, dock, predict = segmented
+    viewer, _widget, dock, predict = segmented
     config = predict.calls[-1]["config"]
     assert config.uncertainty and config.probabilities  # the checkbox asks the core for both
     layer = viewer.layers["scan ct uncertainty"]
@@ -69,14 +69,15 @@ def test_uncertainty_layer_and_measurements_of_a_result(segmented):
 
     img = blob_image()
     inside = img > img.mean()
-    assert dock.table.rowCount() == 1
-    assert cell(dock, 0, "Result") == "scan ct" and cell(dock, 0, "Structure") == "class1"
-    assert float(cell(dock, 0, "Volume (mL)")) == pytest.approx(inside.sum() * VOXEL_ML, abs=0.05)
+    assert dock.table.rowCount() == 2  # the result's row, then its structure
+    assert dock.table.item(0, 0).text() == "scan ct" and cell(dock, 1, "Structure") == "class1"
+    assert float(cell(dock, 1, "Volume (mL)")) == pytest.approx(inside.sum() * VOXEL_ML, abs=0.05)
     expected = (0.8 * inside.sum() + 0.1 * (~inside).sum()) * VOXEL_ML
-    assert float(cell(dock, 0, "Expected (mL)")) == pytest.approx(expected, abs=0.05)
-    low, high = (float(v) for v in cell(dock, 0, "Interval (mL)").split(" – "))
+    shown, interval = cell(dock, 1, "Model (mL)").rstrip(")").split(" (")
+    assert float(shown) == pytest.approx(expected, abs=0.05)
+    low, high = (float(v) for v in interval.split("–"))
     assert low < expected < high
-    mean = float(cell(dock, 0, "Mean ± SD").split(" ± ")[0])
+    mean = float(cell(dock, 1, "Mean ± SD").split(" ± ")[0])
     assert mean == pytest.approx(img[inside].mean(), abs=0.5)
 
 
@@ -84,14 +85,14 @@ def test_measurements_follow_a_hand_edit_and_export_csv(segmented, qtbot, tmp_pa
     viewer, _widget, dock, _predict = segmented
     labels = viewer.layers["scan ct"]
     before = int((labels.data == 1).sum())
-    expected_before = cell(dock, 0, "Expected (mL)")
+    model_before = cell(dock, 1, "Model (mL)")
     labels.brush_size = 3
     labels.paint((0, 0, 0), 1)  # a brush stroke in a corner, outside the structure
     after = int((labels.data == 1).sum())
     assert after > before
-    qtbot.waitUntil(lambda: cell(dock, 0, "Result") == "scan ct (edited)", timeout=10000)
-    assert float(cell(dock, 0, "Volume (mL)")) == pytest.approx(after * VOXEL_ML, abs=0.05)
-    assert cell(dock, 0, "Expected (mL)") == expected_before  # the model's figure stays the model's
+    qtbot.waitUntil(lambda: dock.table.item(0, 0).text() == "scan ct (edited)", timeout=10000)
+    assert float(cell(dock, 1, "Volume (mL)")) == pytest.approx(after * VOXEL_ML, abs=0.05)
+    assert cell(dock, 1, "Model (mL)") == model_before  # the model's figure stays the model's
 
     written = dock.export_csv(tmp_path / "volumes.csv")
     with open(written, newline="") as f:
