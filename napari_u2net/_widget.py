@@ -51,9 +51,10 @@ _DEFERRED_OVERLAYS = ("polygon", "brush_stroke")
 # layer's first draw) before serving other timers, so the steps and the insertion made one long
 # freeze (bench_ui.py's longest gap: median 118 ms before, 77-90 ms with this delay).
 _STEP_DELAY_MS = 30
+_MAP_DELAY_MS = 60  # after a result's insertion, its maps' insertions, one per event-loop turn
 
 
-def insert_layer_smoothly(viewer, index: int, layer) -> None:
+def insert_layer_smoothly(viewer, index: int, layer, select: bool = True) -> None:
     """``viewer.layers.insert(index, layer)`` and select it, keeping each event-loop turn short.
 
     Inserting a Labels layer held napari's GUI thread ≈ 90–140 ms on 2 cores: its vispy visual, its
@@ -84,11 +85,13 @@ def insert_layer_smoothly(viewer, index: int, layer) -> None:
         if defer_selection:
             layers._activate_on_insert = True
 
-    def select() -> None:
+    def select_it() -> None:
         if layer in layers:
             layers.selection.active = layer
 
-    steps = ([select] if defer_selection else []) + [lambda o=o: setattr(o, "visible", True) for o in hidden]
+    steps = ([select_it] if defer_selection and select else []) + [
+        lambda o=o: setattr(o, "visible", True) for o in hidden
+    ]
 
     def next_step() -> None:
         steps.pop(0)()
@@ -749,9 +752,14 @@ class DomainSelectorWidget(QWidget):
     # -- results ------------------------------------------------------------------------------------
     def _add_results(self, image, layers: dict) -> None:
         added, empty, notes = [], [], []
+        delay = 0
         for domain, (labels, maps) in layers.items():
-            added += [self._add_map(m).name for m in maps]
-            added.append(self._add_result(image, domain, labels).name)
+            result = self._add_result(image, domain, labels)
+            added.append(result.name)
+            for m in maps:  # each in an event-loop turn of its own, under its result, not selected
+                delay += _MAP_DELAY_MS
+                QTimer.singleShot(delay, lambda m=m, r=result: self._add_map(m, below=r))
+                added.append(m.name)
             if labels.metadata[META_KEY]["empty"]:
                 empty.append(domain)
             notes += [f"{domain}: {note}" for note in labels.metadata[META_KEY].get("notes", [])]
@@ -768,14 +776,20 @@ class DomainSelectorWidget(QWidget):
         for note in notes:  # what the core says the user should know (an image unlike the training data…)
             self._notify("warning", note)
 
-    def _add_map(self, layer):
-        """Insert a per-voxel map's Image layer, replacing the one of an earlier run."""
-        index = len(self.viewer.layers)
-        if layer.name in self.viewer.layers:
-            old = self.viewer.layers[layer.name]
-            index = self.viewer.layers.index(old)
-            self.viewer.layers.remove(old)
-        self.viewer.layers.insert(index, layer)
+    def _add_map(self, layer, below=None):
+        """Insert a per-voxel map's Image layer (replacing the one of an earlier run), under the
+        result ``below`` and without selecting it: the result stays the layer the user edits.
+        Called in its own event-loop turn after the result's insertion: one layer's vispy visual
+        and controls per turn keep the window responsive (bench/bench_ui.py)."""
+        layers = self.viewer.layers
+        if below is not None and below not in layers:
+            return None  # the result went (removed, or the viewer closed) before its map came
+        index = layers.index(below) if below is not None else len(layers)
+        if layer.name in layers:
+            old = layers[layer.name]
+            index = layers.index(old)
+            layers.remove(old)
+        insert_layer_smoothly(self.viewer, index, layer, select=False)
         return layer
 
     def _add_result(self, image, domain: str, layer):

@@ -53,6 +53,7 @@ def segmented(make_napari_viewer, qtbot, model_dir):
     dock = MeasurementsWidget(viewer)
     viewer.window.add_dock_widget(dock, name="Measurements")
     run_and_wait(widget, qtbot)
+    qtbot.waitUntil(lambda: "scan ct uncertainty" in viewer.layers, timeout=5000)  # follows its result
     return viewer, widget, dock, predict
 
 

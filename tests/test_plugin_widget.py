@@ -396,6 +396,11 @@ def test_per_voxel_maps_become_image_layers_on_the_image_grid(make_napari_viewer
     widget.set_checked_domains(["ct"])
     run_and_wait(widget, qtbot)
     assert not [m for m in messages if m[0] == "error"], messages
+    # the maps follow their result, each in an event-loop turn of its own
+    qtbot.waitUntil(lambda: "scan ct certainty" in viewer.layers and "scan ct scores" in viewer.layers, timeout=5000)
+    names = [lay.name for lay in viewer.layers]
+    assert names.index("scan ct certainty") < names.index("scan ct")  # under the result
+    assert viewer.layers.selection.active.name == "scan ct"  # the result stays the one to edit
     layer = viewer.layers["scan ct certainty"]
     assert layer._type_string == "image" and layer.data.dtype == np.float32
     np.testing.assert_array_equal(layer.data, (blob_image() / blob_image().max()).astype(np.float32))
@@ -410,6 +415,7 @@ def test_per_voxel_maps_become_image_layers_on_the_image_grid(make_napari_viewer
         probs._data_to_world.affine_matrix[1:, 1:], image._data_to_world.affine_matrix, atol=1e-9
     )
     run_and_wait(widget, qtbot)  # a second run replaces the maps
+    qtbot.wait(500)
     assert [lay.name for lay in viewer.layers].count("scan ct certainty") == 1
 
 
