@@ -63,6 +63,15 @@ def _segment(viewer, widget, domains: list[str]) -> None:
     _wait(lambda: widget.worker is None)
 
 
+def _finish(viewer, name: str, settle_s: float = 1.0) -> Path:
+    """Frame the data, let the window settle, save the shot and close the viewer."""
+    viewer.reset_view()
+    _settle(viewer, settle_s)
+    path = _save(viewer, name)
+    viewer.close()
+    return path
+
+
 def _save(viewer, name: str) -> Path:
     path = OUT / f"{name}.png"
     viewer.window._qt_window.grab().save(str(path))
@@ -76,10 +85,7 @@ def domain_selector() -> None:
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Domain selector")
     viewer.open_sample(PLUGIN, "synthetic_ct")
     _segment(viewer, widget, ["spleen-ct"])
-    viewer.reset_view()
-    _settle(viewer)
-    _save(viewer, "domain_selector")
-    viewer.close()
+    _finish(viewer, "domain_selector")
 
 
 def sagittal_segmented() -> None:
@@ -98,10 +104,7 @@ def sagittal_segmented() -> None:
         _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Domain selector")
         viewer.open(str(path), plugin=PLUGIN)
         _segment(viewer, widget, ["mni152-brain"])
-        viewer.reset_view()
-        _settle(viewer)
-        _save(viewer, "sagittal_segmented")
-        viewer.close()
+        _finish(viewer, "sagittal_segmented")
 
 
 def both_docks_1366x768() -> None:
@@ -110,10 +113,7 @@ def both_docks_1366x768() -> None:
     viewer.window.add_plugin_dock_widget(PLUGIN, "Domain selector")
     viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
     viewer.open_sample(PLUGIN, "synthetic_ct")
-    viewer.reset_view()
-    _settle(viewer, 2.0)
-    _save(viewer, "both_docks_1366x768")
-    viewer.close()
+    _finish(viewer, "both_docks_1366x768", 2.0)
 
 
 def measurements() -> None:
@@ -128,10 +128,7 @@ def measurements() -> None:
     for layer in viewer.layers:
         if layer.name.endswith("truth"):
             layer.visible = False  # the result and its uncertainty, not the reference
-    viewer.reset_view()
-    _settle(viewer, 1.5)
-    _save(viewer, "measurements")
-    viewer.close()
+    _finish(viewer, "measurements", 1.5)
 
 
 SHOTS = {f.__name__: f for f in (domain_selector, sagittal_segmented, both_docks_1366x768, measurements)}

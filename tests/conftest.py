@@ -52,3 +52,15 @@ def model_dir(tmp_path):
     metas = {n: adapter_meta(net, n) for n in net.domains}
     save_model(tmp_path / "model", net, metas, provenance={"made_by": "test"})
     return tmp_path / "model"
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    """Notifications the domain selector shows, as (level, text)."""
+    from napari_u2net import _widget
+
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(_widget, "show_error", lambda m: seen.append(("error", m)))
+    monkeypatch.setattr(_widget, "show_warning", lambda m: seen.append(("warning", m)))
+    monkeypatch.setattr(_widget, "show_info", lambda m: seen.append(("info", m)))
+    return seen

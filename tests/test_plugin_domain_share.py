@@ -10,7 +10,7 @@ pytest.importorskip("napari")
 
 from qtpy.QtCore import Qt
 
-from napari_u2net import _domain_share, _widget
+from napari_u2net import _domain_share
 from napari_u2net._widget import DomainSelectorWidget
 from tests.conftest import adapter_meta, small_net
 from training.io.folders import bundled_model_dir
@@ -19,15 +19,6 @@ from training.model.layout import ADAPTER_DIR, TRUNK_FILE, adapter_path, read_he
 from training.model.modelfile import save_model
 
 pytestmark = pytest.mark.qt
-
-
-@pytest.fixture
-def messages(monkeypatch):
-    seen: list[tuple[str, str]] = []
-    monkeypatch.setattr(_widget, "show_error", lambda m: seen.append(("error", m)))
-    monkeypatch.setattr(_widget, "show_warning", lambda m: seen.append(("warning", m)))
-    monkeypatch.setattr(_widget, "show_info", lambda m: seen.append(("info", m)))
-    return seen
 
 
 def _dock(make_napari_viewer, qtbot, model_dir=None, count=None):

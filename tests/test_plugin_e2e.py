@@ -149,22 +149,18 @@ def test_mni152_sample_pre_ticks_the_brain_domain(make_napari_viewer, qtbot):
     not (bundled_model_dir() / "trunk.safetensors").is_file(), reason="no bundled model installed yet"
 )
 def test_a_result_that_cannot_be_what_the_domain_describes_is_reported(make_napari_viewer, qtbot, tmp_path,
-                                                                        monkeypatch):
+                                                                        messages):
     """Issue #16.4: a 2-volume brain series (fMRI-like) run with prostate-mr drew prostate zones in
     the brain and only said "Added …". With the panel's default (uncertainty on) the result is
     still added, but a warning says the scan looks unlike what prostate-mr was trained on."""
     import nibabel as nib
 
-    from napari_u2net import _widget
     from training.data.mni152 import mni152_available
 
     if not mni152_available():
         pytest.skip("nilearn (MNI152 files) not installed")
     from training.data.mni152 import load_mni152
 
-    seen: list[tuple[str, str]] = []
-    monkeypatch.setattr(_widget, "show_warning", lambda m: seen.append(("warning", m)))
-    monkeypatch.setattr(_widget, "show_info", lambda m: seen.append(("info", m)))
     t1, _ = load_mni152(2.0)
     series = np.stack([t1.data[0], t1.data[0] * 1.02], axis=-1).transpose(2, 1, 0, 3)  # (x, y, z, t)
     nib.save(nib.Nifti1Image(series.astype(np.float32), t1.affine), str(tmp_path / "fmri.nii.gz"))
@@ -178,5 +174,5 @@ def test_a_result_that_cannot_be_what_the_domain_describes_is_reported(make_napa
     widget.run()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=300000)
     assert "fmri prostate-mr" in viewer.layers
-    warnings = [text for level, text in seen if level == "warning"]
-    assert any("looks unlike what prostate-mr was trained on" in w for w in warnings), seen
+    warnings = [text for level, text in messages if level == "warning"]
+    assert any("looks unlike what prostate-mr was trained on" in w for w in warnings), messages

@@ -68,16 +68,6 @@ class ThresholdPredict:
         return Prediction(out)
 
 
-@pytest.fixture
-def messages(monkeypatch):
-    """Notifications the widget shows, as (level, text)."""
-    seen: list[tuple[str, str]] = []
-    monkeypatch.setattr(_widget, "show_error", lambda m: seen.append(("error", m)))
-    monkeypatch.setattr(_widget, "show_warning", lambda m: seen.append(("warning", m)))
-    monkeypatch.setattr(_widget, "show_info", lambda m: seen.append(("info", m)))
-    return seen
-
-
 def make_widget(viewer, qtbot, model_dir, predict):
     widget = DomainSelectorWidget(viewer, predict_fn=predict)
     viewer.window.add_dock_widget(widget)
