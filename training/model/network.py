@@ -174,8 +174,17 @@ def _act(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, NEGATIVE_SLOPE, inplace=True)
 
 
+def _depthwise(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """The depthwise 3×3×3 conv; on the CPU in channels-last layout, where PyTorch's kernel is
+    3–4× faster forward and backward (measured: 0.90 → 0.24 s for 2×16×32×64×64). Only the conv
+    changes layout: the rest of the unit stays contiguous (InstanceNorm is slow in channels-last)."""
+    if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last_3d):
+        return conv(x)
+    return conv(x.contiguous(memory_format=torch.channels_last_3d)).contiguous()
+
+
 def _unit(x: torch.Tensor, a: UnitAdapter, pointwise: nn.Conv3d, act: bool = True) -> torch.Tensor:
-    x = _act(a.norm_in(a.depthwise(x)))
+    x = _act(a.norm_in(_depthwise(x, a.depthwise)))
     x = a.norm_out(pointwise(x))
     return _act(x) if act else x
 
