@@ -133,5 +133,8 @@ def test_split_written_once_and_reused(ds_dir):
 
 def test_few_cases():
     assert make_splits(["a"]) == [{"train": ["a"], "val": ["a"]}]
-    two = make_splits(["a", "b"], n_folds=5)
-    assert len(two) == 2 and sorted(s["val"][0] for s in two) == ["a", "b"]
+    # two real scans: both train (holding one back would halve the data), validation sees both
+    assert make_splits(["a", "b"], n_folds=5) == [{"train": ["a", "b"], "val": ["a", "b"]}]
+    three = make_splits(["a", "b", "c"], n_folds=5)
+    assert len(three) == 3 and sorted(s["val"][0] for s in three) == ["a", "b", "c"]
+    assert all(len(s["train"]) == 2 for s in three)

@@ -269,10 +269,13 @@ def _check_case(case: Case, n_mod: int) -> None:
 
 
 # -- splits ---------------------------------------------------------------------------------------
+FEW_CASES = 2  # up to this many cases: train on all of them
 def make_splits(ids: list[str], n_folds: int = 5, seed: int = 0) -> list[dict]:
-    """K-fold splits (shuffled with ``seed``). With one case, train and val are both that case."""
+    """K-fold splits (shuffled with ``seed``). With one or two cases every case trains and the
+    validation sees the same cases (it then only picks the best weights; it is not held out):
+    holding one of two real scans back would halve what little there is to learn from."""
     ids = sorted(ids)
-    if len(ids) == 1:
+    if len(ids) <= FEW_CASES:
         return [{"train": list(ids), "val": list(ids)}]
     k = max(2, min(n_folds, len(ids)))
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
@@ -289,7 +292,7 @@ def load_split(
     ``{"train": [...], "val": [...]}``) and reused by every later run, whatever ``n_folds`` and
     ``seed`` say, so that runs stay comparable. If the dataset's cases no longer match that file,
     a DatasetError says to delete it. With fewer cases than folds, each case is its own fold
-    (leave-one-out); a single case is used for both training and validation.
+    (leave-one-out); one or two cases are used for both training and validation.
     """
     ids = sorted(c.id for c in dataset.training)
     path = Path(dataset.root) / SPLIT_FILE
