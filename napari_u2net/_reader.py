@@ -25,7 +25,7 @@ import numpy as np
 from training.io.dicom import is_dicom_file, list_series, read_dicom
 from training.io.dicom_seg import is_seg_file, read_seg
 from training.io.resample import reorient_array
-from training.io.volume import Volume, case_name, is_nifti, read_image
+from training.io.volume import Volume, case_name, is_itk_image, is_nifti, read_image
 
 from ._geometry import META_KEY, display_grid, volume_layer_affine
 
@@ -70,7 +70,7 @@ def _looks_like_dicom_folder(path: Path) -> bool:
 
 
 def napari_get_reader(path):
-    """Return :func:`read_volume` for a .nii/.nii.gz file, a DICOM file or a DICOM folder; for
+    """Return :func:`read_volume` for a .nii/.nii.gz, .nrrd or .mha/.mhd file, a DICOM file or a DICOM folder; for
     any other folder napari's own reader; else ``None``.
 
     Why other folders go to napari's reader: napari asks "which reader?" for every folder both
@@ -85,7 +85,7 @@ def napari_get_reader(path):
     p = Path(path)
     if p.is_dir():
         return read_volume if _looks_like_dicom_folder(p) else _napari_folder_reader(str(p))
-    return read_volume if is_nifti(p) or is_dicom_file(p) else None
+    return read_volume if is_nifti(p) or is_itk_image(p) or is_dicom_file(p) else None
 
 
 def _napari_folder_reader(path: str):

@@ -78,16 +78,50 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+# Other single-file 3D formats that research tools write (3D Slicer, ITK-SNAP, pyradiomics), read
+# through SimpleITK with their geometry.
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def is_itk_image(path: str | Path) -> bool:
+    return str(path).lower().endswith(ITK_SUFFIXES)
+
+
 def case_name(path: str | Path) -> str:
     """``/data/case_001_0000.nii.gz`` → ``case_001_0000``; a DICOM folder → its name."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in (".nii.gz", ".nii", *ITK_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
 # -- reading ------------------------------------------------------------------------------------
+def read_itk_image(path: str | Path) -> Volume:
+    """A 3D NRRD or MetaImage file (one channel, or a vector image's components as channels)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise InputError(f"{path}: cannot read this image ({str(e).strip().splitlines()[-1]}); "
+                         "is it complete and not corrupt?") from None
+    if img.GetDimension() != 3:
+        raise InputError(f"{path}: a {img.GetDimension()}D image (size {img.GetSize()}); the model segments 3D volumes")
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        channels = [sitk.VectorIndexSelectionCast(img, i) for i in range(img.GetNumberOfComponentsPerPixel())]
+    else:
+        channels = [img]
+    arrays = []
+    for ch in channels:
+        arr, affine = from_sitk(ch)
+        arrays.append(arr)
+    if min(arrays[0].shape) == 1:
+        raise InputError(f"{path}: this is a 2D image (shape {arrays[0].shape}); the model segments 3D volumes")
+    return Volume(np.ascontiguousarray(np.stack(arrays)), affine, source=str(path))
+
+
 def read_nifti(path: str | Path) -> Volume:
     """Read a 3D or 4D NIfTI file; a 4th axis becomes channels (the MSD multi-modal layout)."""
     import nibabel as nib
@@ -118,8 +152,8 @@ def read_nifti(path: str | Path) -> Volume:
 
 
 def read_image(paths: str | Path | list[str | Path], series: str | None = None) -> Volume:
-    """Read a NIfTI file, a DICOM folder or file, or several single-modality files (stacked as
-    channels). ``series`` picks one series (its UID) of a DICOM folder that holds several."""
+    """Read a NIfTI file, a DICOM folder or file, an NRRD/MetaImage file, or several
+    single-modality files (stacked as channels). ``series`` picks one series (its UID) of a DICOM folder that holds several."""
     from training.io.dicom import is_dicom_file, read_dicom
 
     if isinstance(paths, (str, Path)):
@@ -136,8 +170,11 @@ def read_image(paths: str | Path | list[str | Path], series: str | None = None) 
             vols.append(read_nifti(p))
         elif not p.exists():
             raise InputError(f"{p}: no such file or folder")
+        elif is_itk_image(p):
+            vols.append(read_itk_image(p))
         else:
-            raise InputError(f"{p}: unsupported file type; give a .nii/.nii.gz file, a DICOM file or a DICOM folder")
+            raise InputError(f"{p}: unsupported file type; give a .nii/.nii.gz file, a DICOM file or folder, "
+                             "or an .nrrd/.mha/.mhd file")
     if len(vols) == 1:
         return vols[0]
     first = vols[0]
