@@ -17,6 +17,31 @@ import numpy as np
 from training.errors import InputError
 
 SCHEMES = ("ct", "zscore", "none")
+# CT from fewer cases than this: the foreground's percentiles say more about the one or two scans
+# at hand (a non-contrast liver gives −23…80 HU) than about the next patient's (contrast-enhanced
+# liver at 90–120 HU would be clipped flat with bone and contrast-filled bowel), so the clip range
+# is widened to at least a soft-tissue window and scaled by the window, not by the few scans' spread.
+FEW_CT_CASES = 5
+CT_SOFT_TISSUE_WINDOW = (-200.0, 300.0)  # HU
+# CT scans hold air at about −1000 HU; MR intensities are never negative. Halfway is safe for both:
+# a scan with values this low holds air, so its values are Hounsfield units.
+CT_AIR_HU = -500.0
+
+
+def ct_spec(foreground: np.ndarray, cases: int, hounsfield: bool = True) -> dict:
+    """The ``ct`` spec from foreground HU values sampled over ``cases`` scans (nnU-Net's rule:
+    clip to the 0.5–99.5 percentiles, z-score with the clipped values' statistics); fewer than
+    :data:`FEW_CT_CASES` scans in Hounsfield units (``hounsfield``: they hold air, see
+    :data:`CT_AIR_HU`): clip to those percentiles widened to :data:`CT_SOFT_TISSUE_WINDOW` and
+    map the range to [−2, 2]."""
+    values = np.asarray(foreground, dtype=np.float64).ravel()
+    lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    if cases < FEW_CT_CASES and hounsfield:
+        lo, hi = min(lo, CT_SOFT_TISSUE_WINDOW[0]), max(hi, CT_SOFT_TISSUE_WINDOW[1])
+        return {"scheme": "ct", "clip": [lo, hi], "mean": (lo + hi) / 2, "std": (hi - lo) / 4}
+    clipped = np.clip(values, lo, hi)
+    return {"scheme": "ct", "clip": [lo, hi], "mean": float(clipped.mean()),
+            "std": float(max(clipped.std(), 1e-3))}
 
 
 def normalize_channel(x: np.ndarray, spec: dict) -> np.ndarray:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from training.data.datasets import Case, MSDDataset, _header
-from training.data.normalization import normalize
+from training.data.normalization import CT_AIR_HU, ct_spec, normalize
 from training.errors import DatasetError, InputError
 from training.io.atomic import atomic_write_bytes
 from training.io.resample import (
@@ -166,6 +166,7 @@ def plan_dataset(dataset: MSDDataset, cases: list[Case] | None = None, cache_dir
     is_ct = [dataset.modality == "CT" and (m.upper() == "CT" or n_mod == 1) for m in dataset.modalities]
     rng = np.random.default_rng(0)
     fg = [[] for _ in range(n_mod)]
+    lowest = [np.inf] * n_mod
     crop_ratio = []
     for case in cases:
         vol = read_image(case.images)
@@ -183,6 +184,7 @@ def plan_dataset(dataset: MSDDataset, cases: list[Case] | None = None, cache_dir
             for c in range(n_mod):
                 if is_ct[c]:
                     fg[c].append(vol.data[c].ravel()[take].astype(np.float64))
+                    lowest[c] = min(lowest[c], float(vol.data[c].min()))
         if not all(is_ct):
             box = nonzero_box(vol.data)
             crop_ratio.append(np.prod([b - a for a, b in box]) / np.prod(vol.shape))
@@ -190,17 +192,7 @@ def plan_dataset(dataset: MSDDataset, cases: list[Case] | None = None, cache_dir
     specs = []
     for c in range(n_mod):
         if is_ct[c]:
-            values = np.concatenate(fg[c])
-            lo, hi = np.percentile(values, [0.5, 99.5])
-            clipped = np.clip(values, lo, hi)
-            specs.append(
-                {
-                    "scheme": "ct",
-                    "clip": [float(lo), float(hi)],
-                    "mean": float(clipped.mean()),
-                    "std": float(max(clipped.std(), 1e-3)),
-                }
-            )
+            specs.append(ct_spec(np.concatenate(fg[c]), len(fg[c]), lowest[c] <= CT_AIR_HU))
         else:
             specs.append({"scheme": "zscore", "nonzero": nonzero})
     plan = PreprocessPlan(

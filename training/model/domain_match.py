@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from training.data.normalization import CT_AIR_HU
+
 
 def closest_domain_name(
     candidates: Iterable[tuple[str, str, int, int]], modality: str, in_channels: int, num_classes: int
@@ -24,9 +26,6 @@ def _best(candidates: Iterable[tuple], score) -> str | None:
     ranked = sorted(candidates)
     return max(ranked, key=score)[0] if ranked else None
 
-
-# CT scans hold air at about −1000 HU; MR intensities are never negative. Halfway is safe for both.
-CT_AIR_HU = -500.0
 
 
 def guess_modality(data, stride: int = 4) -> str | None:
@@ -60,6 +59,12 @@ def read_values(data, stride: int = 4) -> str:
     return guess_modality(finite.reshape(1, 1, -1), stride=1) or UNKNOWN
 
 
+def trained_on_phantoms(meta) -> bool:
+    """Whether a domain learnt from synthetic phantoms only (its model card says so)."""
+    card = getattr(meta, "card", None) or {}
+    return isinstance(card, dict) and card.get("data_kind") == "synthetic"
+
+
 @dataclass(frozen=True)
 class DomainPick:
     """The domain to tick for an image (None: tick nothing) and why, in plain words for the
@@ -83,9 +88,14 @@ def pick_domain(
       values suggest (``values``: "CT", "MR", :data:`BLANK`, :data:`UNKNOWN`, None: not read yet);
     * a blank image, an unknown modality, no fit or a tie: none, and the reason says which.
 
-    ``candidates``: ``(name, modality, in_channels)`` for each domain of the model.
+    * among several that fit, the only one trained on real scans, when the others learnt from
+      synthetic phantoms only (they do not carry over to real anatomy).
+
+    ``candidates``: ``(name, modality, in_channels)`` or ``(name, modality, in_channels,
+    synthetic)`` for each domain of the model (``synthetic``: trained on phantoms only; see
+    :func:`trained_on_phantoms`).
     """
-    candidates = sorted(candidates)
+    candidates = sorted(tuple(c) + (False,) * (4 - len(c)) for c in candidates)
     names = [c[0] for c in candidates]
     if named is not None and named in names:
         return DomainPick(named, f"Ticked {named}: the domain this image names.")
@@ -105,6 +115,11 @@ def pick_domain(
     fits = [c[0] for c in candidates if c[2] == in_channels and c[1] == values]
     if len(fits) == 1:
         return DomainPick(fits[0], f"Ticked {fits[0]}: the only {values} domain for {vols}.")
+    real = [c[0] for c in candidates if c[0] in fits and not c[3]]
+    if len(fits) > 1 and len(real) == 1:
+        others = ", ".join(f for f in fits if f != real[0])
+        return DomainPick(real[0], f"Ticked {real[0]}: the only {values} domain trained on real scans "
+                                   f"({others} learnt from synthetic phantoms).")
     if fits:
         return DomainPick(
             None,
