@@ -29,6 +29,7 @@ from training.errors import InputError
 from training.model.domain_match import guess_modality
 from training.model.layout import trunk_hash_of
 from training.model.user_models import USER_MODEL, user_model_dir
+from training.train.config import TEACH_ITERATIONS, TEACH_LR
 
 from . import _finetune_worker as fw
 from . import _jobs
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 
 AUTO_INIT = "auto"
 RANDOM_INIT = "<random>"
-CPU_DEFAULTS = {"iterations": 300, "lr": 1e-2}
-GPU_DEFAULTS = {"iterations": 1500, "lr": 1e-2}
 OOM_ADVICE = "nothing was saved; set a smaller patch size or train on the other device, then train again"
 
 
@@ -107,8 +106,8 @@ class FineTuneWidget(QWidget):
         self._outcome = ""  # how the last training ended, for the progress bar
 
         g = self.gui
-        g.iterations_spin.setValue(CPU_DEFAULTS["iterations"])
-        g.lr_spin.setValue(CPU_DEFAULTS["lr"])
+        g.iterations_spin.setValue(TEACH_ITERATIONS["cpu"])
+        g.lr_spin.setValue(TEACH_LR)
         g.add_pair_button.clicked.connect(lambda: self.add_pair())
         g.train_button.clicked.connect(self.train)
         g.stop_button.clicked.connect(self.stop)
@@ -299,8 +298,8 @@ class FineTuneWidget(QWidget):
         key = self.gui.device_combo.currentData()
         gpu = key in ("cuda", "mps") or (key == "auto" and self._has_gpu)
         spin = self.gui.iterations_spin
-        if spin.value() in (CPU_DEFAULTS["iterations"], GPU_DEFAULTS["iterations"]):
-            spin.setValue((GPU_DEFAULTS if gpu else CPU_DEFAULTS)["iterations"])
+        if spin.value() in TEACH_ITERATIONS.values():
+            spin.setValue(TEACH_ITERATIONS["gpu" if gpu else "cpu"])
 
     def _pick_default_base(self) -> None:
         """The domain selector's model (through the session), else the bundled one."""
@@ -416,8 +415,8 @@ class FineTuneWidget(QWidget):
 
     def make_request(self) -> fw.FineTuneRequest:
         """Read and check everything the user set; InputError names what to fix."""
+        from training.train.config import teaching_config
         from training.train.runs import domain_name
-        from training.train.trainer import TrainConfig
 
         g = self.gui
         raw = g.name_edit.text().strip()
@@ -435,15 +434,10 @@ class FineTuneWidget(QWidget):
         check_class_names(names, [p.labels for p in pairs])
         patch = parse_patch(g.patch_edit.text())
         iterations = int(g.iterations_spin.value())
-        config = TrainConfig(
-            iterations=iterations,
-            lr=float(g.lr_spin.value()),
-            patch_size=patch,
-            batch_size=2,
-            device=g.device_combo.currentData() or "auto",
-            checkpoint_every=0,
-            val_every=max(10, iterations // 10),
-        )
+        device = g.device_combo.currentData() or "auto"
+        gpu = device in ("cuda", "mps") or (device == "auto" and self._has_gpu)
+        config = teaching_config(gpu, iterations=iterations, lr=float(g.lr_spin.value()), patch_size=patch,
+                                 device=device)
         colors = self._colors(pairs, len(names))
         return fw.FineTuneRequest(
             source_dir=self.source_dir, target_dir=target, name=name, pairs=pairs, class_names=names,

@@ -79,3 +79,36 @@ def test_sampler_oversamples_foreground_and_pads_small_cases():
         pad = y == IGNORE_INDEX
         assert (x[:, 0][pad] == 0).all()
     assert hits < 20  # random patches rarely see it
+
+
+def test_intensity_shift_adds_one_offset_per_sample_and_is_off_by_default():
+    img, lab = _batch()
+    cfg = AugmentConfig.none()
+    cfg.p_shift, cfg.shift = 1.0, (0.2, 0.3)
+    out, out_lab = augment_batch(img, lab, cfg, torch.Generator().manual_seed(6))
+    offsets = (out - img).flatten(1)
+    assert torch.allclose(offsets, offsets[:, :1].expand_as(offsets))  # one offset per sample
+    assert ((offsets[:, 0] >= 0.2) & (offsets[:, 0] <= 0.3)).all() and torch.equal(out_lab, lab)
+    # off (the default): no random number is drawn for it, so older runs keep their stream
+    assert AugmentConfig().p_shift == 0
+    cfg.p_shift = 0.0
+    assert torch.equal(augment_batch(img, lab, cfg, torch.Generator().manual_seed(6))[0], img)
+
+
+def test_random_patches_of_a_partly_labelled_case_hold_labelled_voxels():
+    """Few corrected slices of a long scan: a patch without a labelled voxel teaches nothing."""
+    img, lab = ball_case(0, (120, 32, 32))
+    lab = lab.astype(np.uint8)
+    sparse = np.full_like(lab, IGNORE_INDEX)
+    for z in (60, 70):  # two labelled slices of 120
+        sparse[z] = lab[z]
+    g = torch.Generator().manual_seed(0)
+    partly = PatchSampler([ArrayCase("a", img, sparse)], (16, 16, 16), fg_fraction=0.0)
+    _, y = partly.sample(8, g)
+    assert (y != IGNORE_INDEX).any(dim=(1, 2, 3)).all()
+    # a fully labelled case keeps nnU-Net's rule: random patches anywhere (most miss z 60–70)
+    full = PatchSampler([ArrayCase("a", img, np.where(sparse == IGNORE_INDEX, 0, sparse).astype(np.uint8))],
+                        (16, 16, 16), fg_fraction=0.0)
+    _, y = full.sample(8, torch.Generator().manual_seed(0))
+    z_hits = [(y[i] == 1).any() for i in range(8)]
+    assert not all(z_hits)

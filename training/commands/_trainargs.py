@@ -8,13 +8,22 @@ import sys
 from training.train.config import CLI_LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig
 
 
-def add_training_arguments(p: argparse.ArgumentParser, iterations: int, lr: float = TrainConfig.lr) -> None:
+def add_training_arguments(p: argparse.ArgumentParser, iterations: int | None, lr: float = TrainConfig.lr,
+                           teaching: bool = False) -> None:
+    """``teaching``: iterations and batch size default to the Fine-tune panel's
+    (:func:`training.train.config.teaching_config`; the command resolves them for its device)."""
+    from training.train.config import TEACH_BATCH, TEACH_ITERATIONS
+
     d = TrainConfig
-    p.add_argument("--iterations", type=int, default=iterations, help=f"training iterations (default {iterations})")
+    default = (f"{TEACH_ITERATIONS['cpu']} on a CPU, {TEACH_ITERATIONS['gpu']} on a GPU" if teaching
+               else f"{iterations}")
+    p.add_argument("--iterations", type=int, default=None if teaching else iterations,
+                   help=f"training iterations (default {default})")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
                    help="patch size in voxels (default: from the dataset's plan)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"patches per iteration (default {d.batch_size})")
+    batch = f"{TEACH_BATCH['cpu']} on a CPU, {TEACH_BATCH['gpu']} on a GPU" if teaching else f"{d.batch_size}"
+    p.add_argument("--batch-size", type=int, default=None if teaching else d.batch_size,
+                   help=f"patches per iteration (default {batch})")
     p.add_argument("--lr", type=float, default=lr, help=f"initial learning rate (default {lr:g})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help=f"weight decay (default {d.weight_decay:g})")

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", help="where the resumable state and log go "
                    "(default: MODEL_DIR.adapt-NAME beside the model directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter of that name")
-    add_training_arguments(p, iterations=500)
+    add_training_arguments(p, iterations=None, teaching=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,13 +34,18 @@ def run(args: argparse.Namespace) -> int:
 
     from training.commands._progress import track_training
     from training.train.adaptation import AUTO, adapt
+    from training.train.config import TEACH_BATCH, TEACH_ITERATIONS
     from training.train.distributed import setup, teardown
     from training.train.runs import domain_from_dataset
     from training.train.trainer import consume
 
-    config = config_from_args(args)
     model_dir = Path(args.model)
     dist = setup(args.device)
+    cpu = dist.device.type == "cpu"
+    kind = "cpu" if cpu else "gpu"  # the Fine-tune panel's defaults: minutes on a CPU
+    args.iterations = args.iterations or TEACH_ITERATIONS[kind]
+    args.batch_size = args.batch_size or TEACH_BATCH[kind]
+    config = config_from_args(args)
     try:
         data = domain_from_dataset(Path(args.dataset), name=args.name, patch_size=config.patch_size,
                                    fold=args.fold, cache_dir=Path(args.cache) if args.cache else None)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from training.data.labels import check_class_names
+from training.data.normalization import CT_AIR_HU, ct_spec
 from training.data.preprocess import MAX_PATCH
 from training.errors import InputError, U2NetError
 from training.infer.postprocess import component_counts
@@ -115,7 +116,8 @@ def adapt(
 # -- in-memory cases (the GUI's fine-tune panel) ------------------------------------------------
 def normalization_for(images: list[np.ndarray], labels: list[np.ndarray], modality: str,
                       ignore_index: int = IGNORE_INDEX) -> list[dict]:
-    """Per-channel normalisation specs: CT from labelled-foreground statistics, MR per-image z-score."""
+    """Per-channel normalisation specs: CT from labelled-foreground statistics
+    (:func:`~training.data.normalization.ct_spec`), MR per-image z-score."""
     specs = []
     for c in range(images[0].shape[0]):
         if modality.upper() != "CT":
@@ -123,10 +125,8 @@ def normalization_for(images: list[np.ndarray], labels: list[np.ndarray], modali
             continue
         fg = [img[c][(lab > 0) & (lab != ignore_index)] for img, lab in zip(images, labels)]
         values = np.concatenate([v for v in fg if v.size] or [img[c].ravel() for img in images])
-        lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
-        clipped = np.clip(values, lo, hi)
-        specs.append({"scheme": "ct", "clip": [lo, hi], "mean": float(clipped.mean()),
-                      "std": float(max(clipped.std(), 1e-3))})
+        hounsfield = min(float(img[c].min()) for img in images) <= CT_AIR_HU
+        specs.append(ct_spec(values, len(images), hounsfield))
     return specs
 
 

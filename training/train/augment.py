@@ -42,13 +42,17 @@ class AugmentConfig:
     gamma: tuple[float, float] = (0.7, 1.5)
     p_noise: float = 0.1
     noise_std: tuple[float, float] = (0.0, 0.1)
+    # an additive offset in normalised units: CT's contrast phases move soft tissue by tens of HU,
+    # which a multiplicative brightness change around zero does not imitate (off by default)
+    p_shift: float = 0.0
+    shift: tuple[float, float] = (-0.3, 0.3)
     ignore_index: int = IGNORE_INDEX
 
     @classmethod
     def none(cls) -> AugmentConfig:
         """No augmentation at all (for tests and debugging)."""
         return cls(p_rotate=0, p_scale=0, p_elastic=0, p_mirror=0, p_brightness=0,
-                   p_contrast=0, p_gamma=0, p_noise=0)
+                   p_contrast=0, p_gamma=0, p_noise=0, p_shift=0)
 
 
 def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
@@ -134,6 +138,8 @@ def _intensity(image: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> t
     gamma = draw(cfg.p_gamma, *cfg.gamma, 1.0)
     noise = draw(cfg.p_noise, *cfg.noise_std, 0.0)
     image = image * bright
+    if cfg.p_shift > 0:  # drawn only when on: older runs keep their random stream
+        image = image + draw(cfg.p_shift, *cfg.shift, 0.0)
     if (contrast != 1).any():
         mean = image.mean(dim=(2, 3, 4), keepdim=True)
         lo = image.amin(dim=(2, 3, 4), keepdim=True)

@@ -2,7 +2,9 @@
 
 A third of the patches of a batch (``fg_fraction``) are centred on a random labelled
 foreground voxel, so that small structures are seen often; the rest are anywhere in a random
-case. Cases smaller than the patch are padded: image with 0 (the normalised mean) and label
+case, except in a case labelled only in part (some slices, the rest ``ignore_index``): there they
+are centred on a random labelled voxel, background included, since a patch without one teaches
+nothing. Cases smaller than the patch are padded: image with 0 (the normalised mean) and label
 with ``pad_label`` (default the ignore value, so padding counts in no loss).
 All randomness comes from the ``torch.Generator`` passed to :meth:`PatchSampler.sample`.
 """
@@ -41,6 +43,17 @@ def _foreground_points(label: np.ndarray, ignore_index: int, rng: np.random.Gene
     return points
 
 
+def _labelled_points(label: np.ndarray, ignore_index: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Coordinates (n, 3) of labelled voxels (subsampled) of a partly labelled case, else None."""
+    ignored = label == ignore_index
+    if not ignored.any() or ignored.all():
+        return None
+    idx = np.argwhere(~ignored)
+    if len(idx) > MAX_FG_POINTS:
+        idx = idx[rng.choice(len(idx), MAX_FG_POINTS, replace=False)]
+    return idx.astype(np.int64)
+
+
 class PatchSampler:
     def __init__(
         self,
@@ -59,6 +72,7 @@ class PatchSampler:
         self.pad_label = ignore_index if pad_label is None else pad_label
         rng = np.random.default_rng(0)  # fixed: the subsample is part of the data, not the run
         self.fg = [_foreground_points(np.asarray(c.label), ignore_index, rng) for c in cases]
+        self.labelled = [_labelled_points(np.asarray(c.label), ignore_index, rng) for c in cases]
 
     def _start(self, dim: int, p: int, g: torch.Generator, centre: int | None) -> int:
         lo, hi = (0, dim - p) if dim >= p else (dim - p, 0)
@@ -95,6 +109,9 @@ class PatchSampler:
             centre = [None, None, None]
             if want_fg and self.fg[k]:
                 pts = self.fg[k][int(torch.randint(len(self.fg[k]), (1,), generator=g))]
+                centre = pts[int(torch.randint(len(pts), (1,), generator=g))].tolist()
+            elif self.labelled[k] is not None:
+                pts = self.labelled[k]
                 centre = pts[int(torch.randint(len(pts), (1,), generator=g))].tolist()
             shape = np.asarray(case.label).shape
             starts = tuple(self._start(d, p, g, c) for d, p, c in zip(shape, self.patch_size, centre))
