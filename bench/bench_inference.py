@@ -230,10 +230,59 @@ def memory_case(quick: bool) -> dict:
     }
 
 
+# -- preparing the fast path (training.infer.prepare) ---------------------------------------------
+def prepare_case() -> list[dict]:
+    """Per shipped domain of the bundled model: converting it to OpenVINO into an empty cache
+    (``seconds_first``), getting it again from the disk cache in a fresh in-memory cache
+    (``seconds_cached``), and the tiles from which converting before a run pays off
+    (conversion / (eager tile − OpenVINO tile)): what ``PAYS_OFF_TILES`` rests on."""
+    import math
+
+    import torch
+
+    from training.infer.backends import OPENVINO_CACHE, TorchRunner, make_runner, openvino_available
+    from training.infer.prepare import prepare_domain
+    from training.model.modelfile import load_model
+    from training.model.registry import resolve_model
+
+    if not openvino_available():
+        print("skipped: prepare (openvino is not installed)")
+        return []
+    model = load_model(resolve_model(None))
+    lines = []
+    print(f"prepare: bundled model, {torch.get_num_threads()} torch threads", flush=True)
+    for d in model.domains:
+        meta = model.meta(d)
+        x = torch.randn(1, meta.in_channels, *meta.patch_size)
+        first = prepare_domain(model, d)
+        OPENVINO_CACHE.clear()
+        cached = prepare_domain(model, d)
+        ov = make_runner(model.net, d, "openvino", torch.device("cpu"), patch_size=meta.patch_size)  # in memory now
+        eager = TorchRunner(model.net, d, torch.device("cpu"))
+
+        def per_tile(run, n=3, x=x):
+            run(x)
+            t = time.perf_counter()
+            for _ in range(n):
+                run(x)
+            return (time.perf_counter() - t) / n
+
+        eager_s, ov_s = per_tile(eager), per_tile(ov, 5)
+        OPENVINO_CACHE.clear()
+        pays = math.ceil(first.seconds / max(eager_s - ov_s, 1e-6))
+        print(f"  {d:<16} patch {tuple(meta.patch_size)} first {first.seconds:6.1f} s, cached "
+              f"{cached.seconds:5.2f} s; a tile: eager {eager_s:5.2f} s, OpenVINO {ov_s:5.3f} s: pays off from "
+              f"{pays} tiles", flush=True)
+        lines.append({"bench": "prepare", "domain": d, "seconds_first": round(first.seconds, 2),
+                      "seconds_cached": round(cached.seconds, 3), "eager_tile_s": round(eager_s, 3),
+                      "openvino_tile_s": round(ov_s, 4), "pays_off_tiles": pays})
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller volumes (not the documented figures)")
-    p.add_argument("--case", choices=["speed", "memory", "all"], default="all")
+    p.add_argument("--case", choices=["speed", "memory", "prepare", "all"], default="all")
     p.add_argument("--backends", default="torch,compiled,openvino",
                    help="comma-separated (default torch,compiled,openvino)")
     p.add_argument("--memory-worker", choices=["ours", "monai"], help=argparse.SUPPRESS)
@@ -251,6 +300,8 @@ def main() -> None:
         lines.append(memory_case(args.quick))
     if args.case in ("speed", "all"):
         lines.extend(speed_case(args.quick, args.backends.split(",")))
+    if args.case in ("prepare", "all"):
+        lines.extend(prepare_case())
     import shutil
 
     shutil.rmtree(home, ignore_errors=True)

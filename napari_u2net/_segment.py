@@ -9,6 +9,7 @@ while :func:`training.infer.pipeline.predict` runs and returns its
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from training.infer.config import InferenceConfig
 from training.io.volume import Volume
 
 from ._jobs import iterate_callbacks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class RunReport:
     total: int
     stage: str
     fraction: float = 0.0
+    backend: str = ""  # at the start: what runs the network and why ("openvino (auto: fastest here)")
 
 
 def layer_channels(data) -> int:
@@ -92,6 +96,18 @@ def lower_thread_priority(increment: int = 10) -> None:
         pass
 
 
+def _backend_note(request: RunRequest, domains: list[str]) -> str:
+    """What the run's backend setting takes for these domains now (empty if it cannot say:
+    the run itself reports a bad device or a missing backend)."""
+    from ._fastpath import backend_choices, describe
+
+    try:
+        return describe(backend_choices(request.model, domains, request.config))
+    except Exception as e:  # noqa: BLE001 - only a note
+        log.debug("no backend note: %s", e)
+        return ""
+
+
 def run_segmentation(request: RunRequest, cancel: threading.Event, predict_fn: Callable | None = None):
     """Yield :class:`RunReport` while predicting; return the core's :class:`Prediction`.
 
@@ -119,7 +135,7 @@ def run_segmentation(request: RunRequest, cancel: threading.Event, predict_fn: C
         finally:
             torch.set_num_threads(before)
 
-    yield RunReport("", 0, 0, "starting", 0.0)
+    yield RunReport("", 0, 0, "starting", 0.0, backend=_backend_note(request, domains))
     gen = iterate_callbacks(job, stop=cancel.set)
     try:
         while True:

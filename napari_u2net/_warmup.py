@@ -42,8 +42,11 @@ def warm_up(kind: str = "inference") -> None:
 
     import training.infer.pipeline
     import training.infer.postprocess
+    from training.infer.backends import openvino_available, openvino_core
     from training.io.resample import canonical_orientation, resample
 
+    if kind == "inference" and openvino_available():  # auto's fast path: OpenVINO's import and Core
+        openvino_core()
     # ITK's first filter run sets up its factories and thread pool with the GIL held (≈ 75 ms).
     eye = np.eye(4)
     canonical_orientation(eye)
@@ -74,6 +77,6 @@ def probe_and_warm(kind: str = "inference") -> dict[str, bool]:
         devices = available_devices()
         try:
             warm_up(kind)
-        except Exception as e:  # only a speed-up: the run itself reports real problems
+        except Exception as e:  # noqa: BLE001 - only a speed-up: the run itself reports real problems
             log.warning("warm-up imports failed: %s", e)
     return devices

@@ -14,6 +14,8 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
@@ -27,7 +29,7 @@ from qtpy.QtWidgets import QFileDialog, QListWidgetItem, QVBoxLayout, QWidget
 from training.errors import InputError
 from training.infer.config import InferenceConfig, validate_config
 from training.infer.measure import measure_result
-from training.model.domain_match import BLANK, UNKNOWN, pick_domain, read_values
+from training.model.domain_match import BLANK, UNKNOWN, pick_domain, read_values, trained_on_phantoms
 
 from . import _jobs
 from ._devices import start_device_probe
@@ -39,7 +41,7 @@ from ._panel import follow_layers
 from ._progress_bar import stage_words
 from ._segment import RunReport, RunRequest, check_case, layer_channels, run_segmentation
 from ._session import session_for
-from ._widget_gui import DomainSelectorGui
+from ._widget_gui import DomainSelectorGui, grey_backend
 
 log = logging.getLogger(__name__)
 PREVIOUS_SUFFIX = " (previous)"
@@ -52,6 +54,9 @@ _DEFERRED_OVERLAYS = ("polygon", "brush_stroke")
 # freeze (bench_ui.py's longest gap: median 118 ms before, 77-90 ms with this delay).
 _STEP_DELAY_MS = 30
 _MAP_DELAY_MS = 60  # after a result's insertion, its maps' insertions, one per event-loop turn
+# The fast path is prepared once the ticks have stayed put this long (not for every passing tick).
+PREPARE_DELAY_MS = 1500
+_PREPARE_POLL_MS = 100  # how often the GUI looks at the preparation's reports
 
 
 def insert_layer_smoothly(viewer, index: int, layer, select: bool = True) -> None:
@@ -100,6 +105,28 @@ def insert_layer_smoothly(viewer, index: int, layer, select: bool = True) -> Non
 
     if steps:
         QTimer.singleShot(_STEP_DELAY_MS, next_step)
+
+
+def _prepare_thread(model, model_dir, domains, config, stop, reports) -> None:
+    """Run :func:`._fastpath.prepare_job` and put ("report" | "done" | "error", value), then
+    ("finished", None), into ``reports``; "done" carries (domains prepared, what a run takes now)."""
+    from ._fastpath import backend_choices, describe, prepare_job
+
+    try:
+        gen = prepare_job(model, model_dir, domains, config, stop)
+        while True:
+            reports.put(("report", next(gen)))
+    except StopIteration as end:
+        try:
+            now = describe(backend_choices(model, domains, config))
+        except Exception:  # noqa: BLE001 - a device not here: the run says so
+            now = ""
+        reports.put(("done", (end.value, now)))
+    except Exception as e:  # noqa: BLE001 - said under Backend; runs go on eager
+        log.warning("fast-path preparation failed: %s", e)
+        reports.put(("error", e))
+    finally:
+        reports.put(("finished", None))
 
 
 def _folder_label(folder: Path) -> str:
@@ -225,6 +252,7 @@ class DomainSelectorWidget(QWidget):
         self.cancel_event: threading.Event | None = None
         self._pbar = None
         self._stage: tuple[str, str] | None = None  # the run's current (domain, stage), for the log
+        self._run_backend = ""  # what the run under way (or the last) runs the network on, and why
         self._choices: list[ModelChoice] = []
         self._pending_domains: list[str] | None = None
         self.hint_jobs = 0  # modality guesses running (tests and benchmarks wait for 0)
@@ -232,6 +260,16 @@ class DomainSelectorWidget(QWidget):
         self._ticking = False  # the widget itself is ticking domains (not the user)
         self._auto_ticked = True  # the ticked domains are the widget's suggestion, not the user's
         self._user_ticks = 0  # how many times the user changed the ticks (a late guess never undoes them)
+        self.prep_worker = None  # the fast path's preparation while it runs (_fastpath.prepare_job)
+        self._prep_stop: threading.Event | None = None
+        self._prep_pbar = None
+        self._prepare_again = False
+        self._prepare_timer = QTimer(self)
+        self._prepare_timer.setSingleShot(True)
+        self._prepare_timer.timeout.connect(self._start_prepare)
+        self._prepare_poll = QTimer(self)
+        self._prepare_poll.timeout.connect(self._poll_prepare)
+        self._prep_reports = None
         self.session = session_for(napari_viewer)
         prepare_for_reading(napari_viewer)  # radiological view and R/L, A/P markers, once per viewer
         self.session.domain_added.connect(self._on_domain_added)
@@ -244,6 +282,8 @@ class DomainSelectorWidget(QWidget):
         g.image_combo.currentIndexChanged.connect(lambda _i: self._on_image_choice())
         g.window_combo.activated.connect(lambda _i: self._apply_window())
         g.domain_list.itemChanged.connect(lambda _item: self._on_ticks_changed())
+        g.backend_combo.currentIndexChanged.connect(lambda _i: self._schedule_prepare())
+        g.device_combo.currentIndexChanged.connect(lambda _i: self._schedule_prepare())
         self.share = DomainShare(self)  # Card… / Export… / Import… (.u2d files)
 
         follow_layers(self.viewer, self._refresh_images, self.follow_image)
@@ -309,6 +349,7 @@ class DomainSelectorWidget(QWidget):
             self._auto_ticked = False
             self._user_ticks += 1
         self._update_run_enabled()
+        self._schedule_prepare()
 
     def _tick(self, names: list[str]) -> None:
         """Tick ``names`` as the widget's own suggestion (re-picked for the next image)."""
@@ -385,7 +426,7 @@ class DomainSelectorWidget(QWidget):
 
     def _pick(self, hint: tuple[str | None, int, str | None]):
         named, channels, values = hint
-        candidates = [(n, m.modality, m.in_channels) for n, m in self.model.adapters.items()]
+        candidates = [(n, m.modality, m.in_channels, trained_on_phantoms(m)) for n, m in self.model.adapters.items()]
         return pick_domain(candidates, channels, values, named)
 
     def _suggested_domains(self, hint: tuple[str | None, int, str | None] | None = None) -> list[str]:
@@ -444,6 +485,105 @@ class DomainSelectorWidget(QWidget):
 
     def _set_devices(self, available: dict) -> None:
         self.warmed_up = True  # devices probed and run-time imports done (benchmarks wait for it)
+        try:
+            from training.infer.backends import unavailable_backends
+
+            for name, reason in unavailable_backends().items():  # torch is imported by now
+                grey_backend(self.gui.backend_combo, name, reason)
+        except Exception as e:  # noqa: BLE001 - no torch? The run says what is missing
+            log.warning("backend probe failed: %s", e)
+        self._schedule_prepare()
+
+    # -- the fast path (auto: OpenVINO once prepared; _fastpath) --------------------------------------
+    def _schedule_prepare(self, delay_ms: int = PREPARE_DELAY_MS) -> None:
+        """Prepare the ticked domains' fast path once the choices settle (a tick, the model, the
+        backend or device changed): a few quiet seconds later, or at once when a run starts."""
+        self._prepare_timer.start(delay_ms)
+
+    @property
+    def prepares_fast_path(self) -> bool:
+        """Only for the real inference (a stand-in ``predict_fn`` runs no backend), unless the
+        environment says ``U2NET_PREPARE=0`` (e.g. a test suite, which must not convert each model)."""
+        return self.predict_fn is None and os.environ.get("U2NET_PREPARE", "1") != "0"
+
+    def _start_prepare(self) -> None:
+        if self.prep_worker is not None:  # one at a time; the ticks are looked at again after it
+            self._prepare_again = True
+            return
+        domains = self.checked_domains()
+        if (self.model is None or self.model_dir is None or not domains or not self.warmed_up
+                or not self.prepares_fast_path):
+            return
+        try:
+            config = self.make_config()
+        except InputError:
+            return
+        self._prepare_again = False
+        self._prep_stop = stop = threading.Event()
+        self.destroyed.connect(lambda *_: stop.set())  # the viewer closed: end the preparation's process
+        self._prep_reports = reports = queue.Queue()
+        # A plain daemon thread, not a napari worker: the preparation may outlive this widget (the
+        # viewer closed while it stops its process), and a worker would then emit into deleted Qt
+        # objects. The GUI polls its reports while it runs (_poll_prepare).
+        self.prep_worker = threading.Thread(target=_prepare_thread, name="u2net-prepare", daemon=True,
+                                            args=(self.model, self.model_dir, domains, config, stop, reports))
+        self.prep_worker.start()
+        self._prepare_poll.start(_PREPARE_POLL_MS)
+
+    def _poll_prepare(self) -> None:
+        """Hand the preparation thread's reports to the panel, on the GUI thread."""
+        while True:
+            try:
+                kind, value = self._prep_reports.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "report":
+                self._on_prepare_report(value)
+            elif kind == "done":
+                self._on_prepared(value)
+            elif kind == "error":
+                self._on_prepare_error(value)
+            else:  # finished
+                self._prepare_poll.stop()
+                self._on_prepare_finished()
+                return
+
+    def _on_prepare_report(self, report) -> None:
+        text = f"Preparing the fast path for {report.domain}, once: {report.stage}… (runs meanwhile use PyTorch)"
+        self.gui.fast_label.setText(text)
+        if self._prep_pbar is None:
+            from napari.utils import progress
+
+            self._prep_pbar = progress(total=100, desc=f"U²-Net: preparing the fast path for {report.domain}, once")
+        self._prep_pbar.set_description(f"U²-Net: preparing the fast path for {report.domain}, once")
+        value = int(100 * report.fraction)
+        if value > self._prep_pbar.n:
+            self._prep_pbar.update(value - self._prep_pbar.n)
+
+    def _on_prepared(self, result: tuple) -> None:
+        prepared, now = result
+        if prepared:
+            self.gui.fast_label.setText(f"Fast path ready: {', '.join(prepared)} now run on OpenVINO")
+            log.info("fast path prepared for %s", ", ".join(prepared))
+        else:
+            self.gui.fast_label.setText(f"Runs on {now}" if now else "")
+
+    def _on_prepare_error(self, error: BaseException) -> None:
+        _level, text = _jobs.user_message(error, "fast-path preparation", "close other programs")
+        self.gui.fast_label.setText(f"Fast path not prepared ({text}); runs use PyTorch")
+
+    def _on_prepare_finished(self) -> None:
+        self.prep_worker = None
+        if self._prep_pbar is not None:
+            self._prep_pbar.close()
+            self._prep_pbar = None
+        if self._prepare_again:
+            self._schedule_prepare()
+
+    def stop_preparing(self) -> None:
+        """End a preparation under way (its process; nothing half-written stays on disk)."""
+        if self._prep_stop is not None:
+            self._prep_stop.set()
 
     # -- models ------------------------------------------------------------------------------------
     def _fill_model_choices(self) -> None:
@@ -569,6 +709,7 @@ class DomainSelectorWidget(QWidget):
         pending, self._pending_domains = self._pending_domains, None
         self._fill_domains(pending)
         self.session.set_model(self.model_dir)
+        self._schedule_prepare()
         if not pending:  # ticked by the image's metadata and shape: refine by its values
             self._guess_modality(self._image_hint())
 
@@ -661,6 +802,7 @@ class DomainSelectorWidget(QWidget):
         self.gui.progress_bar.setFormat("starting…")
         self.gui.status_label.setText(f"Segmenting {image.name!r} with {', '.join(request.domains)}…")
         self._stage = None
+        self._run_backend = ""
         log.info("segmenting %r with %s (%s)", image.name, ", ".join(request.domains), request.config)
         self._pbar = progress(total=1000, desc=f"U²-Net: {image.name}")
         # napari holds millions of long-lived objects; a full garbage collection triggered by the
@@ -668,6 +810,7 @@ class DomainSelectorWidget(QWidget):
         # first run). Frozen objects are skipped until the run ends (as in the fine-tune panel).
         gc.freeze()
         worker.start()
+        self._schedule_prepare(0)  # a domain not prepared yet: this run is eager, the next one fast
 
     def make_config(self) -> InferenceConfig:
         """The run options as the core's :class:`InferenceConfig` (checked by the core's own rules)."""
@@ -710,7 +853,10 @@ class DomainSelectorWidget(QWidget):
             self.gui.cancel_button.setEnabled(False)
 
     def _on_report(self, report: RunReport) -> None:
-        value = int(round(1000 * report.fraction))
+        if report.backend:  # the start: say what runs the network (auto's choice and why)
+            self._run_backend = report.backend
+            self.gui.status_label.setText(f"{self.gui.status_label.text().rstrip('…')} on {report.backend}…")
+        value = round(1000 * report.fraction)
         self.gui.progress_bar.setValue(value)
         words = stage_words(report.stage)
         if (report.domain, report.stage) != self._stage:  # the detail goes to the log
@@ -763,7 +909,8 @@ class DomainSelectorWidget(QWidget):
             if labels.metadata[META_KEY]["empty"]:
                 empty.append(domain)
             notes += [f"{domain}: {note}" for note in labels.metadata[META_KEY].get("notes", [])]
-        self.gui.status_label.setText("Done: added " + ", ".join(repr(n) for n in added))
+        on = f" (on {self._run_backend})" if self._run_backend else ""
+        self.gui.status_label.setText("Done: added " + ", ".join(repr(n) for n in added) + on)
         log.info("segmentation of %r done: added %s", image.name, ", ".join(added))
         for domain in empty:
             meta = self.model.meta(domain)

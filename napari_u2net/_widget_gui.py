@@ -37,20 +37,40 @@ from ._panel import ScrollingPanel
 
 # Backends that need an optional package: greyed out (with the reason) where it is not installed.
 BACKEND_PACKAGES = {"openvino": ("openvino", "pip install napari-u2net[openvino]")}
+BACKEND_LABELS = {"auto": "auto (fastest ready)", "torch": "PyTorch", "compiled": "compiled (CPU)",
+                  "openvino": "OpenVINO (CPU)"}
+BACKEND_TIPS = {
+    "auto": "The fastest path ready now: PyTorch with mixed precision on a GPU; on a CPU OpenVINO once it is "
+            "prepared for the domain (in the background, once per domain), PyTorch until then",
+    "torch": "Eager PyTorch: always there, the slowest on a CPU",
+    "compiled": "TorchInductor ahead-of-time (CPU, needs a C++ compiler): the first run per domain compiles for minutes",
+    "openvino": "OpenVINO (CPU): about 8x faster than PyTorch; the first run per domain converts it",
+}
 
 
 def backend_combo() -> QComboBox:
     """Every backend of :data:`training.infer.config.BACKENDS`, the core's default selected."""
     combo = QComboBox()
     for name in BACKENDS:
-        combo.addItem(name, name)
+        combo.addItem(BACKEND_LABELS.get(name, name), name)
+        combo.setItemData(combo.count() - 1, BACKEND_TIPS.get(name, name), Qt.ToolTipRole)
         package = BACKEND_PACKAGES.get(name)
         if package is not None and importlib.util.find_spec(package[0]) is None:
-            combo.model().item(combo.count() - 1).setEnabled(False)
-            combo.setItemData(combo.count() - 1, f"needs {package[0]}: {package[1]}", Qt.ToolTipRole)
+            grey_backend(combo, name, f"needs {package[0]}: {package[1]}")
     combo.setCurrentIndex(max(combo.findData(InferenceConfig.backend), 0))
-    combo.setToolTip("What runs the network: torch, torch.compile'd graphs, or OpenVINO (CPU)")
+    combo.setToolTip("What runs the network; greyed out: not available here (hover for why)")
     return combo
+
+
+def grey_backend(combo: QComboBox, name: str, reason: str) -> None:
+    """Disable backend ``name`` in ``combo``, its tooltip saying why (what to install)."""
+    i = combo.findData(name)
+    if i < 0:
+        return
+    combo.model().item(i).setEnabled(False)
+    combo.setItemData(i, f"unavailable: {reason}", Qt.ToolTipRole)
+    if combo.currentIndex() == i:
+        combo.setCurrentIndex(max(combo.findData("auto"), 0))
 
 
 def ct_window_combo() -> QComboBox:
@@ -111,6 +131,10 @@ class DomainSelectorGui(ScrollingPanel):
         options.addRow("Device", self.device_combo)
         self.backend_combo = backend_combo()
         options.addRow("Backend", self.backend_combo)
+        self.fast_label = QLabel("")  # what auto takes, and the fast path's preparation
+        self.fast_label.setWordWrap(True)
+        self.fast_label.setStyleSheet("color: gray")
+        options.addRow("", self.fast_label)
         self.overlap_spin = QDoubleSpinBox()
         self.overlap_spin.setRange(0.0, 0.9)
         self.overlap_spin.setSingleStep(0.05)

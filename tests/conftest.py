@@ -41,8 +41,10 @@ def _restore_locale():
 
 @pytest.fixture(autouse=True)
 def _isolated_u2net_home(_session_home, monkeypatch):
-    """Caches (downloads, compiled graphs) go to a test folder, never to the user's own cache."""
+    """Caches (downloads, compiled graphs) go to a test folder, never to the user's own cache; the
+    plugin prepares no fast path in the background (a test that wants it turns it back on)."""
     monkeypatch.setenv("U2NET_HOME", str(_session_home))
+    monkeypatch.setenv("U2NET_PREPARE", "0")
 
 
 @pytest.fixture

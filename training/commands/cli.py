@@ -14,7 +14,7 @@ import sys
 from training.errors import U2NetError
 from training.io.atomic import remove_temporaries_on_signals
 
-COMMANDS = ["info", "predict", "synth", "train", "adapt", "evaluate", "download", "domain"]
+COMMANDS = ["info", "predict", "prepare", "synth", "train", "adapt", "evaluate", "download", "domain"]
 
 
 def _load_commands() -> list:

@@ -29,14 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory or registry name (default: the bundled model)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="a .nii/.nii.gz file (one domain) or a folder (writes OUT/<case>_<domain>.nii.gz)")
-    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default=InferenceConfig.device, help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--overlap", type=float, default=InferenceConfig.overlap,
                    help=f"tile overlap in [0, 1) (default {InferenceConfig.overlap})")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per batch (default: by device)")
     p.add_argument("--backend", choices=BACKENDS, default=InferenceConfig.backend,
-                   help="torch (default, eager); compiled (CPU: TorchInductor ahead-of-time, compiled once per "
-                        "domain and patch and kept on disk: the first run takes minutes, later runs are faster); "
-                        "openvino (CPU only; pip install napari-u2net[openvino])")
+                   help="auto (default: the fastest here; on a CPU OpenVINO, converted once per domain when the scan "
+                        "is big enough to pay for it, see `u2net prepare`); torch (eager); compiled (CPU: "
+                        "TorchInductor ahead-of-time, compiled once per domain and patch and kept on disk: the first "
+                        "run takes minutes); openvino (CPU only, converted on its first run)")
     p.add_argument("--no-postprocess", action="store_true",
                    help="keep every connected component (default: each class keeps as many as its training labels had)")
     p.add_argument("--no-amp", action="store_true", help="full float32 on the GPU")
@@ -74,17 +75,26 @@ def run(args: argparse.Namespace) -> int:
     if (args.num_parts, args.part_id) != (1, 0):
         raise InputError("--num-parts and --part-id split a cohort; use them with -i FOLDER")
     model, stats = args.model, None
+    check_backend(config)
     if args.stats is not None:
         from training.infer.measure import check_stats_path
-        from training.model.modelfile import load_model
-        from training.model.registry import resolve_model
 
         stats = check_stats_path(args.stats, args.overwrite)  # refused now, not after the inference
         config.probabilities = True  # the expected volume and its interval
+    if args.stats is not None or config.backend == "auto":
+        from training.model.modelfile import load_model
+        from training.model.registry import resolve_model
+
         model = load_model(resolve_model(args.model), domains=list(dict.fromkeys(args.domain)))
+    fast = FastPath(model, config, args.domain, quiet=args.quiet) if config.backend == "auto" else None
     with Bars("tile", enabled=not args.quiet) as bars:  # one bar per domain
+        def progress(p):
+            if fast is not None:
+                fast.before_run(p, say=bars.write if not args.quiet else None)
+            bars.update(p.domain, p.done, p.total, p.stage)
+
         prediction = predict_files(args.images, args.domain, args.output, model=model, config=config,
-                                   progress=lambda p: bars.update(p.domain, p.done, p.total, p.stage),
+                                   progress=progress,
                                    overwrite=args.overwrite, series=args.series, fmt=args.format)
     if stats is not None:
         _write_stats(args, stats, prediction, model)
@@ -97,6 +107,60 @@ def run(args: argparse.Namespace) -> int:
                   "all background); check that the image shows what this domain segments (`u2net info`)",
                   file=sys.stderr)
     return 0
+
+
+def check_backend(config: InferenceConfig) -> None:
+    """Refuse a device that is not here, or a backend that is not installed or cannot run on the
+    device, before any file is read (:func:`training.infer.backends.resolve_backend`)."""
+    from training.infer.backends import resolve_backend
+    from training.io.devices import resolve_device
+
+    resolve_backend(config.backend, resolve_device(config.device))
+
+
+class FastPath:
+    """``--backend auto`` on a CPU: just before a domain's sweep (its "preprocess" report, once the
+    inputs and outputs are checked and the tiles counted), convert the domain to OpenVINO when
+    the work ahead (``cases`` × its tiles) is big enough to pay for the conversion
+    (:func:`training.infer.prepare.worth_preparing`; its progress on stderr), then say once, on
+    stdout with the output paths, what runs and why."""
+
+    def __init__(self, model, config: InferenceConfig, domains: list[str], cases: int = 1, quiet: bool = False):
+        self.model, self.config, self.cases, self.quiet = model, config, cases, quiet
+        self.single = len(set(domains)) == 1  # "backend: …" alone, else "backend for D: …"
+        self.done: set[str] = set()
+
+    def before_run(self, p, say=None) -> None:
+        from training.infer.backends import resolve_backend
+        from training.infer.prepare import (
+            PAYS_OFF_TILES,
+            cpu_batch,
+            needs_preparing,
+            prepare_domain,
+            worth_preparing,
+        )
+        from training.io.devices import default_batch_size, resolve_device
+
+        d = p.domain
+        if p.stage != "preprocess" or d in self.done:
+            return
+        self.done.add(d)
+        say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        config, tiles, note = self.config, p.total * self.cases, ""
+        if needs_preparing(self.model, d, config.device, config.batch_size):
+            if worth_preparing(tiles):
+                say(f"preparing the fast path for {d}, once (converting it to OpenVINO; later runs start at once)…")
+                done = prepare_domain(self.model, d, config.batch_size,
+                                      progress=None if self.quiet else lambda stage: say(f"  {d}: {stage}…"))
+                note = f"; prepared in {done.seconds:.1f} s"
+            else:
+                note = (f"; {tiles} tiles < {PAYS_OFF_TILES}: converting to OpenVINO first would take longer than "
+                        f"it saves here, `u2net prepare --domain {d}` makes it ready for the next runs")
+        device = resolve_device(config.device)
+        batch = cpu_batch(config.batch_size) if device.type == "cpu" else (config.batch_size or default_batch_size(device))
+        name, reason = resolve_backend(config.backend, device, self.model.net, d, self.model.meta(d).patch_size,
+                                       batch, config.amp)
+        print(f"backend{'' if self.single else f' for {d}'}: {name} ({reason}{note})", flush=True)  # stdout
 
 
 def _write_stats(args: argparse.Namespace, path, prediction, model) -> None:
@@ -137,6 +201,7 @@ def _run_cohort(args: argparse.Namespace, config: InferenceConfig) -> int:
     if folder.is_dir() and out.resolve() == folder.resolve():
         raise InputError(f"{out}: is the input folder; write the labels to another folder")
     validate_config(config)
+    check_backend(config)
     domains = list(dict.fromkeys(args.domain))
     model = load_model(resolve_model(args.model), domains=domains)
     modalities = {model.meta(d).in_channels for d in domains}
@@ -149,6 +214,7 @@ def _run_cohort(args: argparse.Namespace, config: InferenceConfig) -> int:
     part = split_cases(cases, args.num_parts, args.part_id)
     summary = summary_path(out, args.num_parts, args.part_id)
     check_writable(summary)  # a read-only or full place is said now, not after the work
+    fast = FastPath(model, config, domains, cases=len(part), quiet=args.quiet) if config.backend == "auto" else None
 
     measured: dict[tuple[str, str], list] = {}  # (first input, domain) -> ClassMeasure rows
     by_input = {str(c.inputs[0]): c.name for c in part}
@@ -171,7 +237,12 @@ def _run_cohort(args: argparse.Namespace, config: InferenceConfig) -> int:
                 bars.write(line)
 
         bars.update("cases", 0, len(part))
-        progress = (lambda case, p: tiles.update(p.domain, p.done, p.total, f"{case} {p.stage}"))
+
+        def progress(case, p):
+            if fast is not None:
+                fast.before_run(p, say=say)
+            tiles.update(p.domain, p.done, p.total, f"{case} {p.stage}")
+
         for report in run_cohort(model, part, domains, out, config, overwrite=args.overwrite, progress=progress,
                                  measure=measure):
             reports.append(report)

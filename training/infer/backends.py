@@ -13,8 +13,10 @@ batch) and kept in a small in-process cache and on disk (``<U2NET_HOME or OS cac
   The first run for a domain pays the compilation (minutes on a small CPU), every later run and
   process loads the package in milliseconds. Without a C++ compiler, or if compilation fails, it
   falls back to eager PyTorch with a warning.
-* ``openvino`` (optional extra, CPU): converted to OpenVINO IR (saved on disk) and compiled with
-  OpenVINO's own on-disk cache of compiled blobs.
+* ``openvino`` (CPU): converted to OpenVINO IR and compiled for this CPU; both are saved on disk,
+  each with a sha256 sidecar (a damaged file is rebuilt, never loaded).
+* ``auto`` (the default): :func:`resolve_backend` takes the fastest of these that is ready now,
+  never one that must first be built (:mod:`training.infer.prepare` builds them on purpose).
 """
 
 from __future__ import annotations
@@ -170,6 +172,10 @@ class _CompiledCache:
                 self._items.popitem(last=False)
         return value
 
+    def contains(self, key) -> bool:
+        with self._lock:
+            return key in self._items
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
@@ -180,61 +186,213 @@ COMPILED_CACHE = _CompiledCache()
 
 
 def _weights_key(net: nn.Module, domain: str) -> str:
-    """Digest of the weights a compiled graph baked in (a few MB: milliseconds to hash)."""
+    """Digest of the weights a compiled graph baked in (a few MB: milliseconds to hash): the trunk
+    and the domain's adapter of a U²-Net, all of any other network."""
     h = hashlib.sha1()
-    for module in (net.trunk, net.adapters[domain]):
+    adapters = getattr(net, "adapters", None)
+    modules = (net.trunk, adapters[domain]) if hasattr(net, "trunk") and adapters is not None else (net,)
+    for module in modules:
         for name, t in module.state_dict().items():
             h.update(name.encode())
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
+# -- OpenVINO's files on disk ----------------------------------------------------------------------
+# One graph per (weights, domain, patch, batch, OpenVINO version, machine) under
+# ``compiled_dir()/openvino``: the converted IR (``KEY.xml`` + ``KEY.bin``, the slow part to make)
+# and the model compiled for this CPU (``KEY-CPU.blob``, exported by OpenVINO; importing it takes
+# milliseconds). Each file has a ``.sha256`` sidecar written atomically *after* it: a file without
+# its sidecar, or whose bytes no longer match it (a truncated copy, a full disk, a bad sector), is
+# discarded and rebuilt, never loaded.
+
+
+def openvino_dir() -> Path:
+    return compiled_dir() / "openvino"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _seal(path: Path) -> None:
+    """Record ``path``'s sha256 beside it (atomically, once the file itself is complete)."""
+    from training.io.atomic import atomic_write_text
+
+    atomic_write_text(_sidecar(path), f"{_sha256(path)}  {path.name}\n")
+
+
+def _intact(*paths: Path) -> bool:
+    """True if every file is there with a matching sidecar; otherwise the files and their sidecars
+    are removed (a damaged or half-made entry is rebuilt, never loaded)."""
+    try:
+        if all(p.is_file() and _sidecar(p).read_text().split()[0] == _sha256(p) for p in paths):
+            return True
+    except (OSError, IndexError):
+        pass
+    damaged = [p for p in paths if p.exists() or _sidecar(p).exists()]
+    if damaged:
+        log.warning("discarding a damaged OpenVINO cache entry (%s): it will be rebuilt",
+                    ", ".join(p.name for p in damaged))
+    _discard(*paths)
+    return False
+
+
+def _cpu_name(core) -> str:
+    """Short id of this CPU's compiled-code flavour: an exported blob only fits the CPU it was made on."""
+    parts = []
+    for prop in ("FULL_DEVICE_NAME", "OPTIMIZATION_CAPABILITIES"):
+        try:
+            parts.append(str(core.get_property("CPU", prop)))
+        except Exception:  # noqa: BLE001 - an older OpenVINO: the IR alone is cached then
+            parts.append("?")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:10]
+
+
+_CORE: tuple | None = None
+
+
+def openvino_core() -> tuple:
+    """One OpenVINO ``Core`` per process (it is thread-safe) and this CPU's id (:func:`_cpu_name`)."""
+    global _CORE
+    if _CORE is None:
+        import openvino as ov
+
+        core = ov.Core()
+        _CORE = (core, _cpu_name(core))
+    return _CORE
+
+
+class OpenVINOFiles:
+    """Where one graph's IR and compiled blob live (see the comment above)."""
+
+    def __init__(self, net: nn.Module, domain: str, patch_size, batch_size: int, weights_key: str | None = None):
+        import openvino as ov
+
+        self.core, cpu = openvino_core()
+        runtime = "openvino-" + ov.__version__
+        key = _graph_key(net, domain, patch_size, batch_size, runtime, weights_key)
+        folder = openvino_dir()
+        self.ir = folder / f"{key}.xml"
+        self.bin = self.ir.with_suffix(".bin")
+        self.blob = folder / f"{key}-{cpu}.blob"
+
+    def ready(self) -> bool:
+        """A usable entry is on disk: the compiled blob, or at least the IR (compiling it takes a
+        second, converting it is what takes long)."""
+        return _intact(self.blob) or _intact(self.ir, self.bin)
+
+
+def openvino_ready(net: nn.Module, domain: str, patch_size, batch_size: int, weights_key: str | None = None) -> bool:
+    """True when this domain's OpenVINO graph can be had without converting the network: in this
+    process's cache, or intact on disk. False without OpenVINO."""
+    if not openvino_available():
+        return False
+    weights_key = weights_key or _weights_key(net, domain)
+    patch = tuple(int(p) for p in patch_size)
+    if OPENVINO_CACHE.contains((weights_key, domain, patch, batch_size)):
+        return True
+    return OpenVINOFiles(net, domain, patch, batch_size, weights_key).ready()
+
+
 def compile_openvino(net: nn.Module, domain: str, in_channels: int, patch_size, batch_size: int,
-                     weights_key: str | None = None):
-    """Convert and compile one domain's network; returns an OpenVINO ``CompiledModel``."""
+                     weights_key: str | None = None, progress=None):
+    """One domain's network compiled by OpenVINO (a ``CompiledModel``): imported from the blob on
+    disk, else compiled from the IR on disk, else converted from the network first (the slow part:
+    seconds to a minute). What was made is saved for the next run. ``progress(stage)`` hears
+    "converting", "compiling", "loading"."""
+    say = progress or (lambda stage: None)
+    patch = tuple(int(p) for p in patch_size)
+    files = OpenVINOFiles(net, domain, patch, batch_size, weights_key)
+    core = files.core
+    config = {"INFERENCE_PRECISION_HINT": "f32"}  # else CPUs with bf16 units drift from torch
+    if _intact(files.blob):
+        say("loading")
+        try:
+            with open(files.blob, "rb") as f:
+                return core.import_model(f.read(), "CPU", config)
+        except Exception as e:  # noqa: BLE001 - another OpenVINO build or CPU wrote it: make it again
+            log.warning("OpenVINO could not import %s (%s); compiling it again", files.blob.name, e)
+            _discard(files.blob)
+    model = None
+    if _intact(files.ir, files.bin):
+        try:
+            model = core.read_model(str(files.ir))
+        except Exception as e:  # noqa: BLE001 - an IR this OpenVINO cannot read: convert again
+            log.warning("OpenVINO could not read %s (%s); converting again", files.ir.name, e)
+            _discard(files.ir, files.bin)
+    if model is None:
+        say("converting")
+        model = _convert(net, domain, in_channels, patch, batch_size)
+        _save_openvino_ir(model, files)
+    say("compiling")
+    compiled = core.compile_model(model, "CPU", config)
+    _save_blob(compiled, files.blob)
+    return compiled
+
+
+def _discard(*paths: Path) -> None:
+    """Remove files and their sidecars (what is already gone, or cannot go, is left)."""
+    for p in paths:
+        for f in (p, _sidecar(p)):
+            try:
+                f.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+def _convert(net: nn.Module, domain: str, in_channels: int, patch, batch_size: int):
     import openvino as ov
 
-    folder = compiled_dir() / "openvino"
-    runtime = "openvino-" + ov.__version__
-    ir = folder / f"{_graph_key(net, domain, patch_size, batch_size, runtime, weights_key)}.xml"
-    core = ov.Core()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        core.set_property({"CACHE_DIR": str(folder / "blobs")})  # OpenVINO's own compiled-blob cache
-    except OSError:  # a read-only cache folder: compile in memory only
-        ir = None
-    model = None
-    if ir is not None and ir.is_file():
-        try:
-            model = core.read_model(str(ir))
-        except Exception:  # noqa: BLE001 - a damaged IR, whatever the error: convert again
-            model = None
-    if model is None:
-        module = DomainNet(copy.deepcopy(net).to("cpu").float().eval(), domain).eval()
-        example = torch.zeros((batch_size, in_channels, *patch_size), dtype=torch.float32)
-        with torch.inference_mode(), warnings.catch_warnings():
-            # Tracing fixes the shape checks to this patch and batch, which is what we want.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=DeprecationWarning)
-            model = ov.convert_model(module, example_input=example, input=[example.shape])
-        if ir is not None:
-            _save_openvino_ir(ov, model, ir)
-    # f32 on purpose: CPUs with bf16 units would otherwise default to bf16 and drift from torch.
-    return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    module = DomainNet(copy.deepcopy(net).to("cpu").float().eval(), domain).eval()
+    example = torch.zeros((batch_size, in_channels, *patch), dtype=torch.float32)
+    with torch.inference_mode(), warnings.catch_warnings():
+        # Tracing fixes the shape checks to this patch and batch, which is what we want.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=DeprecationWarning)
+        return ov.convert_model(module, example_input=example, input=[example.shape])
 
 
-def _save_openvino_ir(ov, model, ir: Path) -> None:
-    """Write the IR (.xml + .bin) under temporary names, then rename: never a half-written pair."""
-    tmp = ir.with_name(f".{ir.stem}.{os.getpid()}.partial.xml")
+def _save_openvino_ir(model, files: OpenVINOFiles) -> None:
+    """Write the IR (.xml + .bin) under temporary names, rename both, then seal them: a reader
+    never takes a half-written pair (no sidecar yet, or one that does not match)."""
+    import openvino as ov
+
+    ir = files.ir
+    tmp = ir.with_name(f".{ir.stem}.{os.getpid()}.{threading.get_ident()}.partial.xml")
     try:
+        ir.parent.mkdir(parents=True, exist_ok=True)
+        _discard(ir, files.bin)  # an old sidecar must not vouch for the new files mid-way
         ov.save_model(model, str(tmp), compress_to_fp16=False)
-        os.replace(tmp.with_suffix(".bin"), ir.with_suffix(".bin"))
+        os.replace(tmp.with_suffix(".bin"), files.bin)
         os.replace(tmp, ir)
-    except OSError as e:
+        _seal(files.bin)
+        _seal(ir)
+    except (OSError, InputError) as e:  # a read-only or full cache: this run still works, in memory
         log.warning("could not cache the OpenVINO model in %s: %s", ir.parent, e)
     finally:
         for f in (tmp, tmp.with_suffix(".bin")):
             f.unlink(missing_ok=True)
+
+
+def _save_blob(compiled, blob: Path) -> None:
+    from training.io.atomic import atomic_write_bytes
+
+    try:
+        _discard(blob)
+        data = compiled.export_model()
+        atomic_write_bytes(blob, data.getvalue() if hasattr(data, "getvalue") else data)
+        _seal(blob)
+    except (OSError, InputError, RuntimeError) as e:  # only a speed-up for the next run
+        log.warning("could not cache the compiled OpenVINO model %s: %s", blob.name, e)
 
 
 # -- compiled (AOTInductor) ---------------------------------------------------------------------
@@ -259,12 +417,18 @@ def compiler_available() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c)
 
 
+def compiled_package(net: nn.Module, domain: str, patch_size, batch_size: int, folder: Path | None = None,
+                     weights_key: str | None = None) -> Path:
+    """Where the domain's AOTInductor package is (or would be) kept."""
+    runtime = "torch-" + torch.__version__
+    return (folder or compiled_dir()) / f"{_graph_key(net, domain, patch_size, batch_size, runtime, weights_key)}.pt2"
+
+
 def compile_aot(net: nn.Module, domain: str, patch_size, batch_size: int, folder: Path | None = None,
                 weights_key: str | None = None) -> Path:
     """The domain's network as an AOTInductor package on disk (built once, then reused)."""
     folder = folder or compiled_dir()
-    runtime = "torch-" + torch.__version__
-    path = folder / f"{_graph_key(net, domain, patch_size, batch_size, runtime, weights_key)}.pt2"
+    path = compiled_package(net, domain, patch_size, batch_size, folder, weights_key)
     if path.is_file():
         return path
     if not compiler_available():
@@ -315,30 +479,98 @@ def load_compiled(net: nn.Module, domain: str, patch_size, batch_size: int, weig
                                                                  weights_key=weights_key)))
 
 
+# -- choosing ---------------------------------------------------------------------------------------
+def resolve_backend(backend: str, device: torch.device, net: nn.Module | None = None, domain: str | None = None,
+                    patch_size=None, batch_size: int = 1, amp: bool = True,
+                    weights_key: str | None = None) -> tuple[str, str]:
+    """The backend that runs, and why: ``(name, reason)``.
+
+    An explicit backend is checked (installed, on a device it runs on) and kept. ``auto`` takes
+    the fastest path that is ready *now*, never one that must first be built: on CUDA torch with
+    mixed precision, on MPS torch, on the CPU OpenVINO when its graph for these weights, domain,
+    patch and batch is in memory or intact on disk, else a compiled (AOTInductor) package already
+    on disk, else eager torch. (Building the fast path is :mod:`training.infer.prepare`'s job.)
+    Without ``net`` and ``domain`` only the device decides.
+    """
+    device = torch.device(device)
+    if backend != "auto":
+        validate_backend(backend)
+        if backend != "torch" and device.type != "cpu":
+            raise InputError(f"the {backend} backend runs on the CPU only; use --device cpu (not {device})")
+        if backend == "openvino" and not openvino_available():
+            raise InputError(f"the OpenVINO backend is not installed; {OPENVINO_HINT}")
+        return backend, "asked for"
+    if device.type == "cuda":
+        return "torch", "auto: CUDA GPU" + (", mixed precision" if amp else "")
+    if device.type != "cpu":
+        return "torch", f"auto: {device.type.upper()}"
+    if not openvino_available():
+        hint = f"auto: OpenVINO is not installed ({OPENVINO_HINT}: about 8x faster on a CPU)"
+    else:
+        hint = "auto: the fast path is not prepared for this domain yet"
+    if net is None or domain is None:
+        return "torch", hint
+    patch = tuple(int(p) for p in patch_size)
+    weights_key = weights_key or _weights_key(net, domain)
+    try:
+        if openvino_ready(net, domain, patch, batch_size, weights_key):
+            return "openvino", "auto: fastest here"
+        if compiled_package(net, domain, patch, batch_size, weights_key=weights_key).is_file():
+            return "compiled", "auto: compiled graph cached"
+    except (OSError, InputError) as e:  # an unusable cache folder (U2NET_HOME a file…): eager still works
+        return "torch", f"auto: the cache of fast paths cannot be used ({e})"
+    return "torch", hint
+
+
 def make_runner(net: nn.Module, domain: str, backend: str, device: torch.device, *, amp: bool = True,
                 patch_size=None, batch_size: int = 1, channels_last: bool | None = None):
-    """Build the runner for ``backend`` (one of :data:`training.infer.config.BACKENDS`);
-    ``channels_last`` (torch only): None = on the CPU, which works on a copy of the network."""
+    """Build the runner for ``backend`` (one of :data:`training.infer.config.BACKENDS`; ``auto`` as
+    :func:`resolve_backend` says); ``channels_last`` (torch only): None = on the CPU, which works on
+    a copy of the network. The runner's ``backend`` and ``reason`` say what runs and why."""
     validate_backend(backend)
-    if backend == "torch":
-        return TorchRunner(net, domain, device, amp=amp, channels_last=channels_last)
-    if device.type != "cpu":
-        raise InputError(f"the {backend} backend runs on the CPU only; use --device cpu (not {device})")
-    if backend == "openvino" and not openvino_available():
-        raise InputError(f"the OpenVINO backend is not installed; {OPENVINO_HINT}")
+    device = torch.device(device)
     config = net.domain_config(domain)
-    patch = tuple(int(p) for p in patch_size)
-    weights = _weights_key(net, domain)  # hashed once: the in-memory and on-disk keys share it
-    key = (weights, domain, patch, batch_size)
-    if backend == "openvino":
+    patch = None if patch_size is None else tuple(int(p) for p in patch_size)
+    weights = _weights_key(net, domain) if device.type == "cpu" and backend != "torch" else None
+    chosen, reason = resolve_backend(backend, device, net if patch else None, domain, patch, batch_size, amp, weights)
+    runner = None
+    if chosen == "openvino":
         compiled = OPENVINO_CACHE.get(
-            key, lambda: compile_openvino(net, domain, config.in_channels, patch, batch_size, weights)
+            (weights, domain, patch, batch_size),
+            lambda: compile_openvino(net, domain, config.in_channels, patch, batch_size, weights),
         )
-        return OpenVINORunner(compiled, batch_size, config.num_classes)
+        runner = OpenVINORunner(compiled, batch_size, config.num_classes)
+    elif chosen == "compiled":
+        load = load_compiled if backend == "compiled" else _load_cached_package  # auto never compiles
+        try:
+            fn = COMPILED_CACHE.get((weights, domain, patch, batch_size),
+                                    lambda: load(net, domain, patch, batch_size, weights))
+            runner = CompiledRunner(fn, batch_size, config.num_classes)
+        except Exception as e:  # noqa: BLE001 - no compiler, an unsupported op, a full disk: eager still works
+            log.warning("the compiled backend is unavailable (%s: %s); running eager PyTorch instead",
+                        type(e).__name__, e)
+            chosen, reason = "torch", f"the compiled backend failed ({type(e).__name__})"
+    if runner is None:
+        runner = TorchRunner(net, domain, device, amp=amp, channels_last=channels_last)
+    runner.backend, runner.reason = chosen, reason
+    return runner
+
+
+def _load_cached_package(net: nn.Module, domain: str, patch_size, batch_size: int, weights_key: str):
+    """A package already on disk (``auto``): a damaged one is removed, not compiled again here."""
+    path = compiled_package(net, domain, patch_size, batch_size, weights_key=weights_key)
     try:
-        fn = COMPILED_CACHE.get(key, lambda: load_compiled(net, domain, patch, batch_size, weights))
-    except Exception as e:  # noqa: BLE001 - no compiler, an unsupported op, a full disk: eager still works
-        log.warning("the compiled backend is unavailable (%s: %s); running eager PyTorch instead",
-                    type(e).__name__, e)
-        return TorchRunner(net, domain, device, amp=amp, channels_last=channels_last)
-    return CompiledRunner(fn, batch_size, config.num_classes)
+        return torch._inductor.aoti_load_package(str(path))
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def unavailable_backends() -> dict[str, str]:
+    """The backends that cannot run here, each with what to install."""
+    missing = {}
+    if not openvino_available():
+        missing["openvino"] = f"needs OpenVINO: {OPENVINO_HINT}"
+    if not compiler_available():
+        missing["compiled"] = "needs a C++ compiler (g++, e.g. apt-get install g++)"
+    return missing

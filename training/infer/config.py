@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 from training.errors import InputError
 
-# What runs the network (training.infer.backends implements each).
-BACKENDS = ("torch", "compiled", "openvino")
+# What runs the network (training.infer.backends implements each). "auto" takes the fastest one
+# that is ready now (training.infer.backends.resolve_backend): torch with mixed precision on CUDA,
+# torch on MPS, OpenVINO on the CPU once prepared for the domain, else eager torch.
+BACKENDS = ("auto", "torch", "compiled", "openvino")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # cuda:N is accepted too
 
 
@@ -18,7 +20,7 @@ class InferenceConfig:
     overlap: float = 0.5  # fraction of a tile shared with its neighbour, in [0, 1)
     batch_size: int | None = None  # tiles per batch; None = sensible default per device
     postprocess: bool = True  # keep each class's usual number of connected components (the domain's)
-    backend: str = "torch"  # one of BACKENDS
+    backend: str = "auto"  # one of BACKENDS
     amp: bool = True  # mixed precision on CUDA only; never bf16 on CPU
     # per-voxel outputs besides the labels (DomainResult.maps), off by default because they cost
     # time and memory: "uncertainty" (Z, Y, X) float16 normalised entropy of the calibrated class

@@ -18,6 +18,16 @@ def mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
+def device_names() -> list[str]:
+    """The devices this machine has, as ``--device`` takes them (CUDA ones with their name)."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    if mps_available():
+        names.append("mps")
+    return names
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """Turn a device spec into a usable :class:`torch.device` (or raise :class:`InputError`)."""
     if isinstance(spec, torch.device):
@@ -35,14 +45,18 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         raise InputError(f"unknown device {spec!r}; use {DEVICE_HELP}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {spec!r} asked for, but no CUDA GPU is available; use --device cpu")
+            build = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""
+            raise InputError(f"device {spec!r} asked for, but no CUDA GPU is available{build}; "
+                             f"devices here: {', '.join(device_names())}; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise InputError(
-                f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist"
+                f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist; "
+                f"devices here: {', '.join(device_names())}"
             )
     elif device.type == "mps":
         if not mps_available():
-            raise InputError(f"device {spec!r} asked for, but Apple MPS is not available; use --device cpu")
+            raise InputError(f"device {spec!r} asked for, but Apple MPS is not available; "
+                             f"devices here: {', '.join(device_names())}; use --device cpu")
     elif device.type != "cpu":
         raise InputError(f"unsupported device {spec!r}; use {DEVICE_HELP}")
     return device
