@@ -49,7 +49,11 @@ bench: setup
 # scores every domain on 20 held-out cases; last, each domain's model card is written into its
 # metadata (scripts/domain_cards.py; weights untouched), and each domain's temperature and volume
 # interval are fitted on 20 held-out cases (scripts/calibrate_default.py; weights untouched). Work
-# files (data, checkpoints) stay in .cache/default-model; ~4 h on 2 CPU cores.
+# files (data, checkpoints) stay in .cache/default-model; ~4 h on 2 CPU cores. With the real scans
+# (REAL_DATA, default ../shared/realdata) abdomen-ct is then taught on one patient's CT (scripts/
+# real_domains.py: each file's sha256 checked and recorded; patient B only scored); without them
+# the model is built as before, without abdomen-ct.
+REAL_DATA ?= ../shared/realdata
 model: setup
 	$(PY) -m scripts.default_model resources/models/default --iterations 2000 --cases 16
 	$(PY) -m scripts.default_model resources/models/default --resume --iterations 4500 --cases 16
@@ -57,6 +61,9 @@ model: setup
 		--adapt heart-mr=600 --domain-size-scale heart-mr=1.0 --withhold kidney-ct
 	$(PY) -m scripts.domain_cards resources/models/default
 	$(PY) -m scripts.calibrate_default resources/models/default
+	@if [ -d "$(REAL_DATA)/totalsegmentator" ]; then \
+	  $(PY) -m scripts.real_domains resources/models/default --real-data "$(REAL_DATA)"; \
+	else echo "no real scans in $(REAL_DATA): abdomen-ct is not taught (make model REAL_DATA=folder)"; fi
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache

@@ -1,0 +1,159 @@
+"""Teach the bundled model's real-CT domain from the real scans of a folder (``make model``'s step
+when ``REAL_DATA`` is given; without the folder the model is built as before, without it).
+
+``abdomen-ct`` (liver, spleen, right and left kidney) is taught adapter-only on the frozen trunk
+from ONE patient's CT: TotalSegmentator's example abdomen–pelvis CT (patient A) with
+TotalSegmentator's own labels for those organs (model output, not drawn by a person). Each file's
+sha256 goes into the provenance, and a file whose hash differs from the one this recipe was made
+with is refused (the recipe is reproducible only from the same bytes). Patient B's series is
+never read here: its only use is the held-out figure, measured at the end and stored as the
+domain's ``heldout_evaluation`` (liver and spleen; its 20 slices hold no kidney).
+
+    python -m scripts.real_domains resources/models/default --real-data ../shared/realdata
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DOMAIN = "abdomen-ct"
+CLASSES = ["background", "liver", "spleen", "kidney right", "kidney left"]
+COLORS = ["#000000", "#b5651d", "#7b2cbf", "#e9c46a", "#2a9d8f"]
+TS_VALUES = {"liver": 5, "spleen": 1, "kidney right": 2, "kidney left": 3}  # TotalSegmentator's map
+TRAIN_FILES = {  # patient A, the only scan trained on: path in the folder → the sha256 the recipe was made with
+    "totalsegmentator/example_ct.nii.gz": "dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1",
+    "totalsegmentator/example_seg_fast_force_split.nii.gz":
+        "e8097758e56e73099075b6caaebce23ef11bc6fad66a4ec3753b9406846558c7",
+}
+HELDOUT = ("totalsegmentator/example_ct_dicom", "totalsegmentator/example_seg_dicom.nii.gz")  # patient B
+ITERATIONS = 80
+PATCH = (64, 100, 120)  # the whole scan: every organ with its context in each iteration
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def training_pair(root: Path):
+    """Patient A's CT and its four organs as labels 1..4 (other structures: background)."""
+    from training.io.volume import read_image
+
+    image = read_image(root / "totalsegmentator/example_ct.nii.gz")
+    seg = read_image(root / "totalsegmentator/example_seg_fast_force_split.nii.gz").data[0]
+    labels = np.zeros(seg.shape, np.uint8)
+    for i, name in enumerate(CLASSES[1:], start=1):
+        labels[seg == TS_VALUES[name]] = i
+    return image, labels
+
+
+def heldout(model_dir: Path, root: Path) -> dict:
+    """Dice on patient B (never trained on), labels brought onto the image's grid by the affines."""
+    from training.infer.config import InferenceConfig
+    from training.infer.pipeline import predict
+    from training.io.resample import resample
+    from training.io.volume import read_image
+    from training.model.modelfile import load_model
+
+    image, seg = read_image(root / HELDOUT[0]), read_image(root / HELDOUT[1])
+    truth = resample(seg.data[0], seg.affine, image.affine, image.shape, linear=False)
+    pred = predict(load_model(model_dir), image, [DOMAIN], InferenceConfig(device="cpu"))[DOMAIN].labels
+    per = {}
+    for i, name in enumerate(CLASSES[1:], start=1):
+        t = truth == TS_VALUES[name]
+        if t.any():
+            p = pred == i
+            per[name] = 2.0 * float((p & t).sum()) / float(p.sum() + t.sum())
+    return {"cases": 1, "scan": "patient B (TotalSegmentator's example DICOM series, 20 slices)",
+            "mean_dice": float(np.mean(list(per.values()))), "mean_dice_per_class": per}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--real-data", type=Path, required=True, help="the real-scans folder (../shared/realdata)")
+    p.add_argument("--iterations", type=int, default=ITERATIONS)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    root = args.real_data
+    missing = [f for f in TRAIN_FILES if not (root / f).is_file()]
+    if missing:
+        print(f"error: {root}: {', '.join(missing)} missing; give the real-scans folder with --real-data",
+              file=sys.stderr)
+        return 2
+
+    import torch
+
+    from training.model.layout import ADAPTER_DIR
+    from training.train.adaptation import adapt_domain
+    from training.train.augment import AugmentConfig
+    from training.train.config import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hashes = {f: sha256(root / f) for f in TRAIN_FILES}
+    changed = [f for f, h in hashes.items() if h != TRAIN_FILES[f]]
+    if changed:
+        print(f"error: {root}: {', '.join(changed)} differ from the files this recipe was made with "
+              "(sha256); use the original files", file=sys.stderr)
+        return 2
+    image, labels = training_pair(root)
+    # full labels of one scan: spatial and contrast-phase augmentation, no mirroring (left/right organs)
+    config = TrainConfig(iterations=args.iterations, lr=1e-2, patch_size=PATCH, batch_size=1, device="cpu",
+                         checkpoint_every=0, val_every=0, fg_fraction=0.5,
+                         augment=AugmentConfig(p_mirror=0.0, p_rotate=0.3, p_scale=0.3, p_shift=0.5))
+    _log(f"teaching {DOMAIN} from patient A ({image.shape}), {args.iterations} iterations, patch {PATCH}")
+    # validation on the training scan itself: it only fits the temperature (no held-out data to spare)
+    reports = adapt_domain(args.model_dir, DOMAIN, [(image, labels)], CLASSES, "CT", init_from="spleen-ct",
+                           config=config, colors=COLORS, overwrite=True, val_cases=[(image, labels)])
+    t0 = time.perf_counter()
+    for r in reports:
+        if r.iteration % 50 == 0:
+            _log(f"{r.iteration}/{args.iterations} loss {r.loss:.3f} ({time.perf_counter() - t0:.0f} s)")
+    path = args.model_dir / ADAPTER_DIR / f"{DOMAIN}.safetensors"
+    result = heldout(args.model_dir, root) if all((root / f).exists() for f in HELDOUT) else None
+    _log(f"held out (patient B): {result}")
+
+    from training.model.modelfile import read_weights, write_weights
+
+    state, meta = read_weights(path, "adapter")
+    meta["description"] = "liver, spleen and kidneys on a real abdominal CT (taught on one patient)"
+    meta["provenance"] = {
+        **meta.get("provenance", {}),
+        "source": "scripts/real_domains.py (make model REAL_DATA=…)",
+        "real_scans": hashes,
+        "patients": 1,
+        "heldout_evaluation": result,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    }
+    meta["card"] = {
+        "author": "napari-u2net project (recipe scripts/real_domains.py, `make model REAL_DATA=…`)",
+        "data": ("ONE patient's abdomen–pelvis CT (TotalSegmentator's example CT, 3 mm; CC BY 4.0) with "
+                 "TotalSegmentator's labels of liver, spleen and kidneys (model output, not drawn by a person)"),
+        "data_kind": "one-patient",
+        "cases": 1,
+        "intended_use": ("a first segmentation of liver, spleen and kidneys on a real abdominal CT, to correct "
+                         "and teach from (Fine-tune panel); research only, not a medical device"),
+        "limits": ("one patient: held-out figures come from one other patient's 20-slice series (liver and "
+                   "spleen only); expect errors on other scanners, contrast phases and anatomy"),
+    }
+    write_weights(path, state, meta)
+    _log(f"{path} written")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

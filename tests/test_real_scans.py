@@ -1,0 +1,54 @@
+"""The bundled model on real scans (../shared/realdata; skipped where absent) and what its real-CT
+domain's card and provenance say (always)."""
+
+from pathlib import Path
+
+import pytest
+
+from training.infer.config import InferenceConfig
+from training.infer.pipeline import predict
+from training.io.folders import bundled_model_dir
+from training.io.resample import resample
+from training.io.volume import read_image
+from training.model.modelfile import load_model
+
+TS = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "totalsegmentator"
+REAL = pytest.mark.skipif(not TS.is_dir(), reason="../shared/realdata is not on this machine")
+DOMAIN = "abdomen-ct"
+LIVER, SPLEEN = 5, 1  # TotalSegmentator's label values
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(bundled_model_dir())
+
+
+def _dice(a, b) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_the_real_ct_domain_says_what_it_was_trained_on(model):
+    meta = model.meta(DOMAIN)
+    assert meta.card["data_kind"] == "one-patient" and "ONE patient" in meta.card["data"]
+    scans = meta.provenance["real_scans"]
+    assert set(scans) == {"totalsegmentator/example_ct.nii.gz", "totalsegmentator/example_seg_fast_force_split.nii.gz"}
+    assert all(len(h) == 64 for h in scans.values())  # sha256 of each file trained on
+    assert not any("dicom" in f for f in scans)  # patient B is never trained on
+    held = meta.provenance["heldout_evaluation"]
+    assert held["cases"] == 1 and set(held["mean_dice_per_class"]) == {"liver", "spleen"}
+    assert meta.class_names == ["background", "liver", "spleen", "kidney right", "kidney left"]
+
+
+@REAL
+def test_held_out_patient_b_dicom_series_is_segmented(model):
+    """Patient B (a JPEG 2000 DICOM series, 0.98×0.98×2 mm, 20 slices) was never trained on; its
+    label file stores the rows flipped, so it is brought onto the image's grid by the affines."""
+    image = read_image(TS / "example_ct_dicom")
+    seg = read_image(TS / "example_seg_dicom.nii.gz")
+    truth = resample(seg.data[0], seg.affine, image.affine, image.shape, linear=False)
+    labels = predict(model, image, [DOMAIN], InferenceConfig(device="cpu", backend="torch"))[DOMAIN].labels
+    assert labels.shape == image.shape
+    held = model.meta(DOMAIN).provenance["heldout_evaluation"]["mean_dice_per_class"]
+    for value, cls, organ in ((1, "liver", LIVER), (2, "spleen", SPLEEN)):
+        # what the model card states, within a little for other CPUs' arithmetic
+        assert _dice(labels == value, truth == organ) > held[cls] - 0.02, cls
