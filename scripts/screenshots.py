@@ -131,7 +131,24 @@ def measurements() -> None:
     _finish(viewer, "measurements", 1.5)
 
 
-SHOTS = {f.__name__: f for f in (domain_selector, sagittal_segmented, both_docks_1366x768, measurements)}
+def real_ct() -> None:
+    """Patient A's real CT (../shared/realdata, never shipped) segmented with abdomen-ct, with the
+    Measurements dock: the README's real-scan figure. Skipped where the real scans are absent."""
+    scan = ROOT.parent / "shared" / "realdata" / "totalsegmentator" / "example_ct.nii.gz"
+    if not scan.is_file():
+        print(f"real_ct skipped: {scan} is absent")
+        return
+    viewer = _viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Domain selector")
+    viewer.window.add_plugin_dock_widget(PLUGIN, "Measurements")
+    viewer.open(str(scan), plugin=PLUGIN)
+    widget.gui.uncertainty_check.setChecked(False)
+    _segment(viewer, widget, ["abdomen-ct"])
+    viewer.dims.set_current_step(0, 90)  # an axial slice through liver, spleen and kidneys
+    _finish(viewer, "real_ct", 1.5)
+
+
+SHOTS = {f.__name__: f for f in (domain_selector, sagittal_segmented, both_docks_1366x768, measurements, real_ct)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,234 @@
+"""The journeys a radiologist runs, on the real scans of ../shared/realdata (skipped where absent).
+
+* ``real_domain``: every shipped domain on every real scan that has a matching label (Dice, seconds),
+  through ``training.infer.pipeline.predict`` as the plugin calls it. ``held_out`` says whether the
+  scan was never trained on (the model cards name the training scans).
+* ``real_teach``: few-slice teaching as the Fine-tune panel does it: keep K evenly spaced axial
+  slices of one organ's label (every other slice unlabelled: "train only on labelled slices"),
+  teach a new domain with the panel's default settings (``training.train.config.teaching_config``)
+  through the panel's own job (``napari_u2net._finetune_worker.finetune_job`` and ``publish``),
+  segment the scan with the new domain and score Dice on every slice the user did not label.
+  ``threshold_dice``: the best HU window (+ largest component) for that organ on those slices,
+  tuned on the truth itself: the bar a model must clear (CT only).
+
+Labels are TotalSegmentator's model output (pseudo ground truth), brought onto each image's grid
+by its affine (patient B's label file is stored with its rows flipped). Patient B is only ever
+segmented here, never taught on. One JSON line per case:
+
+    python bench/bench_real.py [--quick] [--only teach|domain] [--slices 3 5 10] [--organs liver spleen]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REAL = ROOT.parent / "shared" / "realdata"
+TS = REAL / "totalsegmentator"
+
+# TotalSegmentator's label values (class_map.json; the same for total and total_mr)
+ORGANS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5}
+
+
+@dataclass
+class Scan:
+    name: str
+    image: Path
+    label: Path
+    modality: str
+    organs: dict[str, int]  # organ → label value
+    teach: tuple[str, ...] = ()  # the organs to teach on this scan (never on patient B)
+
+
+SCANS = [
+    Scan("ct_patient_a", TS / "example_ct.nii.gz", TS / "example_seg_fast_force_split.nii.gz", "CT", ORGANS,
+         ("liver", "spleen", "kidney_right", "kidney_left")),
+    Scan("ct_patient_a_crop", TS / "example_ct_sm.nii.gz", TS / "example_seg_fast.nii.gz", "CT", ORGANS),
+    Scan("ct_patient_b", TS / "example_ct_dicom", TS / "example_seg_dicom.nii.gz", "CT",
+         {"spleen": 1, "liver": 5}),
+    Scan("mr_abdomen", TS / "example_mr_sm.nii.gz", TS / "example_seg_mr.nii.gz", "MR", ORGANS,
+         ("liver", "spleen")),
+    Scan("mr_glioblastoma", REAL / "pyradiomics" / "brain1_image.nrrd", REAL / "pyradiomics" / "brain1_label.nrrd",
+         "MR", {"tumour": 1}, ("tumour",)),
+]
+
+
+def emit(**line) -> None:
+    print(json.dumps(line), flush=True)
+
+
+def load(scan: Scan):
+    """(image Volume, label array on the image's grid)."""
+    from training.io.resample import resample
+    from training.io.volume import read_image
+
+    image, label = read_image(scan.image), read_image(scan.label)
+    lab = label.data[0]
+    if label.shape != image.shape or not np.allclose(label.affine, image.affine, atol=1e-3):
+        lab = resample(lab, label.affine, image.affine, image.shape, linear=False)
+    return image, np.asarray(lab).astype(np.int32)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    s = int(pred.sum()) + int(truth.sum())
+    return 2.0 * int((pred & truth).sum()) / s if s else float("nan")
+
+
+def labelled_rows(truth: np.ndarray, k: int) -> np.ndarray:
+    """K evenly spaced axial slices through the organ, its first and last slices excluded."""
+    rows = np.nonzero(truth.reshape(truth.shape[0], -1).any(1))[0]
+    return rows[np.linspace(0, len(rows) - 1, k + 2).round().astype(int)[1:-1]]
+
+
+def threshold_dice(hu: np.ndarray, truth: np.ndarray, rest: np.ndarray) -> tuple[float, list[int]]:
+    """The best HU window [lo, hi] (steps of 10 HU) + largest 3D component, scored on ``rest``."""
+    from scipy import ndimage
+
+    best, window = 0.0, [0, 0]
+    t = truth[rest]
+    for lo in range(-100, 201, 10):
+        for hi in range(lo + 20, 301, 10):
+            mask = (hu >= lo) & (hu <= hi)
+            lab, n = ndimage.label(mask)
+            if n == 0:
+                continue
+            sizes = np.bincount(lab.ravel())[1:]
+            # the component that overlaps the organ most: a generous, tuned-on-truth threshold
+            overlap = np.bincount(lab[truth].ravel(), minlength=n + 1)[1:]
+            keep = (lab == 1 + int(np.argmax(overlap if overlap.any() else sizes)))[rest]
+            d = dice(keep, t)
+            if d > best:
+                best, window = d, [lo, hi]
+    return best, window
+
+
+def teach(scan: Scan, image, truth: np.ndarray, organ: str, k: int, base: Path, work: Path, args) -> dict:
+    from napari_u2net import _finetune_worker as fw
+    from training.infer.config import InferenceConfig
+    from training.infer.pipeline import predict
+    from training.model.modelfile import load_model
+    from training.train.config import teaching_config
+
+    keep = labelled_rows(truth, k)
+    sparse = np.zeros(truth.shape, np.uint8)
+    sparse[keep] = truth[keep]
+    name = f"{organ.replace('_', '-')}-{scan.modality.lower()}-{k}"
+    pair = fw.TrainingPair(scan.name, image.data, image.affine, f"{organ} labels",
+                           fw.prepare_labels(sparse, f"{organ} labels", True))
+    config = teaching_config(False, device="cpu", iterations=args.iterations,
+                             patch_size=tuple(args.patch) if args.patch else None)
+    if args.batch:
+        config.batch_size = args.batch
+    request = fw.FineTuneRequest(base, work, name, [pair], ["background", organ], scan.modality,
+                                 config=config, only_labelled_slices=True, threads=args.threads)
+    t0 = time.perf_counter()
+    gen = fw.finetune_job(request, threading.Event())
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        result = stop.value
+    fw.publish(result)
+    seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    pred = predict(load_model(work), image, [name], InferenceConfig(device="cpu"))[name].labels > 0
+    seg_seconds = time.perf_counter() - t1
+    rest = np.ones(truth.shape[0], bool)
+    rest[keep] = False
+    line = {"bench": "real_teach", "scan": scan.name, "organ": organ, "slices": k,
+            "dice_rest": round(dice(pred[rest], truth[rest]), 4), "seconds": round(seconds, 1),
+            "iterations": result.iterations_done, "patch": list(config.patch_size or []) or "auto",
+            "kept": "best" if result.chosen_file == result.best_file else "last",
+            "segment_seconds": round(seg_seconds, 1)}
+    return line
+
+
+def domain_runs(model_dir: Path, scans: list[Scan]) -> None:
+    from training.infer.config import InferenceConfig
+    from training.infer.pipeline import predict
+    from training.model.modelfile import load_model
+
+    model = load_model(model_dir)
+    for scan in scans:
+        image, labels = load(scan)
+        for domain, meta in model.adapters.items():
+            if meta.modality.upper() != scan.modality:
+                continue
+            organs = {value: cls.replace(" ", "_").replace("-", "_")
+                      for value, cls in enumerate(meta.class_names[1:], start=1)}
+            organs = {v: o for v, o in organs.items() if o in scan.organs and (labels == scan.organs[o]).any()}
+            if not organs:
+                continue
+            t0 = time.perf_counter()
+            pred = predict(model, image, [domain], InferenceConfig(device="cpu"))[domain].labels
+            seconds = round(time.perf_counter() - t0, 1)
+            trained = (meta.provenance or {}).get("real_scans", {})
+            for value, organ in organs.items():
+                emit(bench="real_domain", scan=scan.name, domain=domain, organ=organ,
+                     dice=round(dice(pred == value, labels == scan.organs[organ]), 4), seconds=seconds,
+                     held_out=not any(scan.image.name in str(f) for f in trained))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 slices only, liver and spleen on the CT")
+    parser.add_argument("--only", choices=("teach", "domain"))
+    parser.add_argument("--slices", type=int, nargs="+", default=[3, 5, 10])
+    parser.add_argument("--organs", nargs="+", help="teach only these organs")
+    parser.add_argument("--scans", nargs="+", help="only these scans (names as in the JSON lines)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the panel's)")
+    parser.add_argument("--model", type=Path, help="model folder (default: the bundled model)")
+    parser.add_argument("--iterations", type=int, help="instead of the panel's default (to try other settings)")
+    parser.add_argument("--patch", type=int, nargs=3, help="instead of the panel's default (Z Y X)")
+    parser.add_argument("--batch", type=int, help="instead of the panel's default")
+    args = parser.parse_args()
+    if not TS.is_dir():
+        print(f"skipped: no real data ({REAL} is absent)")
+        return 0
+
+    from training.io.folders import bundled_model_dir
+
+    base = args.model or bundled_model_dir()
+    scans = [s for s in SCANS if not args.scans or s.name in args.scans]
+    if args.only != "teach":
+        domain_runs(base, scans)
+    if args.only == "domain":
+        return 0
+    slices = [5] if args.quick else args.slices
+    tmp = Path(tempfile.mkdtemp(prefix="bench_real_"))
+    try:
+        for scan in scans:
+            organs = [o for o in scan.teach if (not args.organs or o in args.organs)]
+            if args.quick:
+                organs = [o for o in organs if scan.name == "ct_patient_a" and o in ("liver", "spleen")]
+            if not organs:
+                continue
+            image, labels = load(scan)
+            for organ in organs:
+                truth = labels == scan.organs[organ]
+                for k in slices:
+                    line = teach(scan, image, truth, organ, k, base, tmp / f"{organ}-{k}", args)
+                    if scan.modality == "CT":
+                        rest = np.ones(truth.shape[0], bool)
+                        rest[labelled_rows(truth, k)] = False
+                        line["threshold_dice"], line["threshold_hu"] = threshold_dice(image.data[0], truth, rest)
+                        line["threshold_dice"] = round(line["threshold_dice"], 4)
+                    emit(**line)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
