@@ -1,7 +1,8 @@
 """Sliding-window inference with Gaussian blending, in bounded memory.
 
 Tiles are placed exactly as MONAI's ``sliding_window_inference`` places them (same start
-positions, same symmetric zero padding of volumes smaller than the patch, same Gaussian
+positions, same symmetric padding of volumes smaller than the patch (edge values: MONAI's
+``padding_mode="replicate"``), same Gaussian
 importance map with sigma = patch/8, clamped at 1e-3), and logits are blended the same way, so
 the probabilities agree with MONAI's to float precision.
 
@@ -59,7 +60,7 @@ def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
 
 
 def padding_for(shape, patch) -> list[tuple[int, int]]:
-    """Symmetric zero padding (before, after) per axis so that each axis is ≥ the patch."""
+    """Symmetric padding (before, after) per axis so that each axis is ≥ the patch."""
     pads = []
     for s, p in zip(shape, patch):
         diff = max(int(p) - int(s), 0)
@@ -222,7 +223,10 @@ def sweep_slabs(
     """Run ``runner`` over ``image`` (C, Z, Y, X) tile by tile and hand every finished
     :class:`Slab` of axis 0, in order, to each of ``sinks`` until the whole volume is covered.
 
-    Volumes smaller than the patch are zero-padded; the slabs cover the unpadded volume only.
+    Volumes smaller than the patch are padded with their edge values; the slabs cover the
+    unpadded volume only. Edge values, not zeros: a 30-slice CT slab zero-padded to a 64-slice
+    patch sits between blocks of uniform "soft tissue" (0 is the window's centre) that no
+    training patch showed, and abdomen-ct's liver Dice on such a slab fell from 0.85 to 0.10.
     """
     if image.ndim != 4:
         raise InputError(f"expected an image (C, Z, Y, X), got shape {tuple(image.shape)}")
@@ -234,7 +238,7 @@ def sweep_slabs(
     pads = padding_for(shape, patch)
     if any(a or b for a, b in pads):
         flat = [v for pair in reversed(pads) for v in pair]  # F.pad wants the last axis first
-        image = F.pad(image, flat)
+        image = F.pad(image[None], flat, mode="replicate")[0]
     _, zp, yp, xp = image.shape
     pz, py, px = patch
     z_starts, y_starts, x_starts = tile_grid(shape, patch, overlap)
