@@ -124,10 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         if r.iteration % 50 == 0:
             _log(f"{r.iteration}/{args.iterations} loss {r.loss:.3f} ({time.perf_counter() - t0:.0f} s)")
     path = args.model_dir / ADAPTER_DIR / f"{DOMAIN}.safetensors"
+    from training.model.modelfile import read_weights, write_weights
+
+    write_weights(path, *read_weights(path, "adapter"), dtype="float16")  # as every bundled adapter
     result = heldout(args.model_dir, root) if all((root / f).exists() for f in HELDOUT) else None
     _log(f"held out (patient B): {result}")
-
-    from training.model.modelfile import read_weights, write_weights
 
     state, meta = read_weights(path, "adapter")
     meta["description"] = "liver, spleen and kidneys on a real abdominal CT (taught on one patient)"
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "limits": ("one patient: held-out figures come from one other patient's 20-slice series (liver and "
                    "spleen only); expect errors on other scanners, contrast phases and anatomy"),
     }
-    write_weights(path, state, meta)
+    write_weights(path, state, meta, dtype="float16")
     _log(f"{path} written")
     return 0
 

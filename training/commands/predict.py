@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
         stats = check_stats_path(args.stats, args.overwrite)  # refused now, not after the inference
         config.probabilities = True  # the expected volume and its interval
-    if args.stats is not None or config.backend == "auto":
+    if args.stats is not None:
         from training.model.modelfile import load_model
         from training.model.registry import resolve_model
 
@@ -126,7 +126,10 @@ class FastPath:
     stdout with the output paths, what runs and why."""
 
     def __init__(self, model, config: InferenceConfig, domains: list[str], cases: int = 1, quiet: bool = False):
+        # ``model``: a loaded model, or the --model value (loaded at the first report, after the
+        # run has checked its inputs and outputs: their errors come first)
         self.model, self.config, self.cases, self.quiet = model, config, cases, quiet
+        self.domains = list(dict.fromkeys(domains))
         self.single = len(set(domains)) == 1  # "backend: …" alone, else "backend for D: …"
         self.done: set[str] = set()
 
@@ -145,6 +148,11 @@ class FastPath:
         if p.stage != "preprocess" or d in self.done:
             return
         self.done.add(d)
+        if not hasattr(self.model, "adapters"):
+            from training.model.modelfile import load_model
+            from training.model.registry import resolve_model
+
+            self.model = load_model(resolve_model(self.model), domains=self.domains)
         say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         config, tiles, note = self.config, p.total * self.cases, ""
         if needs_preparing(self.model, d, config.device, config.batch_size):
