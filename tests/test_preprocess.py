@@ -100,9 +100,15 @@ def ct_dir(ct_template, tmp_path):
     return shutil.copytree(ct_template, tmp_path / "liver")
 
 
-def test_ct_plan_uses_foreground_statistics(ct_dir):
+def test_ct_plan_uses_foreground_statistics(ct_dir, monkeypatch):
+    from training.data import normalization
+
     ds = load_dataset(ct_dir)
-    plan = plan_dataset(ds)
+    few = plan_dataset(ds, cache_dir=False).normalization[0]  # this dataset has fewer than 5 scans in HU:
+    assert len(ds.training) < normalization.FEW_CT_CASES  # the soft-tissue window (test_normalization_ct.py)
+    assert few["clip"][0] <= normalization.CT_SOFT_TISSUE_WINDOW[0] and few["clip"][1] >= normalization.CT_SOFT_TISSUE_WINDOW[1]
+    monkeypatch.setattr(normalization, "FEW_CT_CASES", 1)  # as a dataset of many scans is planned
+    plan = plan_dataset(ds, cache_dir=False)
     spec = plan.normalization[0]
     assert plan.modality == "CT" and spec["scheme"] == "ct"
     fg = []
@@ -117,7 +123,7 @@ def test_ct_plan_uses_foreground_statistics(ct_dir):
     assert 20 < spec["mean"] < 80 and 5 < spec["std"] < 60  # liver and tumour HU, not air
     spacings = [read_image(c.images).spacing for c in ds.training]
     assert plan.spacing == pytest.approx(np.median(spacings, axis=0))
-    cases = preprocess_dataset(ds, plan)
+    cases = preprocess_dataset(ds, plan, cache_dir=False)
     inside = np.concatenate([c.image[0][c.label > 0] for c in cases])
     assert abs(inside.mean()) < 0.5
     assert cases[0].image.min() >= (lo - spec["mean"]) / spec["std"] - 1e-4
