@@ -15,7 +15,6 @@ domain's ``heldout_evaluation`` (liver and spleen; its 20 slices hold no kidney)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -34,14 +33,6 @@ TRAIN_FILES = {  # patient A, the only scan trained on: path in the folder → t
 HELDOUT = ("totalsegmentator/example_ct_dicom", "totalsegmentator/example_seg_dicom.nii.gz")  # patient B
 ITERATIONS = 80
 PATCH = (64, 100, 120)  # the whole scan: every organ with its context in each iteration
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _log(msg: str) -> None:
@@ -104,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    hashes = {f: sha256(root / f) for f in TRAIN_FILES}
+    from training.model.registry import sha256_of
+
+    hashes = {f: sha256_of(root / f) for f in TRAIN_FILES}
     changed = [f for f, h in hashes.items() if h != TRAIN_FILES[f]]
     if changed:
         print(f"error: {root}: {', '.join(changed)} differ from the files this recipe was made with "

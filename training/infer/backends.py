@@ -38,6 +38,7 @@ from torch import nn
 
 from training.errors import InputError
 from training.infer.config import validate_backend
+from training.model.registry import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +212,6 @@ def openvino_dir() -> Path:
     return compiled_dir() / "openvino"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
@@ -227,14 +220,14 @@ def _seal(path: Path) -> None:
     """Record ``path``'s sha256 beside it (atomically, once the file itself is complete)."""
     from training.io.atomic import atomic_write_text
 
-    atomic_write_text(_sidecar(path), f"{_sha256(path)}  {path.name}\n")
+    atomic_write_text(_sidecar(path), f"{sha256_of(path)}  {path.name}\n")
 
 
 def _intact(*paths: Path) -> bool:
     """True if every file is there with a matching sidecar; otherwise the files and their sidecars
     are removed (a damaged or half-made entry is rebuilt, never loaded)."""
     try:
-        if all(p.is_file() and _sidecar(p).read_text().split()[0] == _sha256(p) for p in paths):
+        if all(p.is_file() and _sidecar(p).read_text().split()[0] == sha256_of(p) for p in paths):
             return True
     except (OSError, IndexError):
         pass
