@@ -118,14 +118,14 @@ def threshold_dice(hu: np.ndarray, truth: np.ndarray, rest: np.ndarray) -> tuple
     return best, window
 
 
-def teach(scan: Scan, image, truth: np.ndarray, organ: str, k: int, base: Path, work: Path, args) -> dict:
+def teach(scan: Scan, image, truth: np.ndarray, organ: str, k: int, keep: np.ndarray, base: Path, work: Path,
+          args) -> dict:
     from napari_u2net import _finetune_worker as fw
     from training.infer.config import InferenceConfig
     from training.infer.pipeline import predict
     from training.model.modelfile import load_model
     from training.train.config import teaching_config
 
-    keep = labelled_rows(truth, k)
     sparse = np.zeros(truth.shape, np.uint8)
     sparse[keep] = truth[keep]
     name = f"{organ.replace('_', '-')}-{scan.modality.lower()}-{k}"
@@ -223,10 +223,11 @@ def main() -> int:
             for organ in organs:
                 truth = labels == scan.organs[organ]
                 for k in slices:
-                    line = teach(scan, image, truth, organ, k, base, tmp / f"{organ}-{k}", args)
+                    keep = labelled_rows(truth, k)
+                    line = teach(scan, image, truth, organ, k, keep, base, tmp / f"{organ}-{k}", args)
                     if scan.modality == "CT":
                         rest = np.ones(truth.shape[0], bool)
-                        rest[labelled_rows(truth, k)] = False
+                        rest[keep] = False
                         line["threshold_dice"], line["threshold_hu"] = threshold_dice(image.data[0], truth, rest)
                         line["threshold_dice"] = round(line["threshold_dice"], 4)
                     emit(**line)

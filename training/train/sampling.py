@@ -36,11 +36,15 @@ def _foreground_points(label: np.ndarray, ignore_index: int, rng: np.random.Gene
     for c in np.unique(label):
         if c == 0 or c == ignore_index:
             continue
-        idx = np.argwhere(label == c)
-        if len(idx) > MAX_FG_POINTS:
-            idx = idx[rng.choice(len(idx), MAX_FG_POINTS, replace=False)]
-        points.append(idx.astype(np.int64))
+        points.append(_subsample(np.argwhere(label == c), rng))
     return points
+
+
+def _subsample(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """At most :data:`MAX_FG_POINTS` of the coordinates ``idx`` (n, 3), as int64."""
+    if len(idx) > MAX_FG_POINTS:
+        idx = idx[rng.choice(len(idx), MAX_FG_POINTS, replace=False)]
+    return idx.astype(np.int64)
 
 
 def _labelled_points(label: np.ndarray, ignore_index: int, rng: np.random.Generator) -> np.ndarray | None:
@@ -48,10 +52,7 @@ def _labelled_points(label: np.ndarray, ignore_index: int, rng: np.random.Genera
     ignored = label == ignore_index
     if not ignored.any() or ignored.all():
         return None
-    idx = np.argwhere(~ignored)
-    if len(idx) > MAX_FG_POINTS:
-        idx = idx[rng.choice(len(idx), MAX_FG_POINTS, replace=False)]
-    return idx.astype(np.int64)
+    return _subsample(np.argwhere(~ignored), rng)
 
 
 class PatchSampler:
