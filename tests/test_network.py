@@ -131,3 +131,48 @@ def test_training_a_new_adapter_leaves_every_old_domain_bit_identical():
         assert torch.equal(net(x_mr, "mr2"), before["mr2"])
     for k, v in net.trunk.state_dict().items():
         assert torch.equal(v, trunk_before[k])
+
+
+@pytest.mark.parametrize(
+    "arch, patch, batch, in_channels",
+    [(ArchConfig(8, 3), (16, 20, 18), 2, 2), (ArchConfig(16, 4), (12, 24, 20), 1, 1), (ArchConfig(4, 1), (6, 8, 8), 1, 1)],
+)
+def test_cpu_kernels_match_the_plain_modules(arch, patch, batch, in_channels):
+    """The channels-last CPU path (custom depthwise backward, matmul pointwise, batch-norm
+    statistics) computes what the plain modules compute: outputs and every gradient, in float64."""
+    torch.manual_seed(0)
+    net = U2Net(arch, [DomainConfig("d", in_channels, 3, pool_counts_for_patch(patch, arch.levels))]).double()
+    for p in net.parameters():  # away from the initial values (ones, zeros), so every term counts
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(batch, in_channels, *patch, dtype=torch.float64)
+    runs = []
+    for fast in (True, False):
+        net.cpu_kernels = fast
+        net.zero_grad()
+        out = net(x, "d")
+        assert out.is_contiguous()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        runs.append((out.detach(), {k: p.grad for k, p in net.named_parameters()}))
+    (fast_out, fast_grads), (plain_out, plain_grads) = runs
+    torch.testing.assert_close(fast_out, plain_out, rtol=1e-9, atol=1e-9)
+    for name, grad in plain_grads.items():
+        if grad is None:  # an output head the decoder never reaches at this depth
+            assert fast_grads[name] is None
+            continue
+        if name.endswith(("input_conv.bias", "depthwise.bias")):
+            # a bias right before an InstanceNorm has zero gradient: both are rounding noise
+            assert fast_grads[name].abs().max() < 1e-9 * max(1.0, grad.abs().max().item()) + 1e-8
+            continue
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_depthwise_backward_is_the_true_gradient_for_any_channel_count():
+    """40 channels: two full 16-channel chunks and a remainder of 8 for the weight gradient."""
+    from training.model.cpu_kernels import _Depthwise, to_channels_last
+
+    torch.manual_seed(0)
+    x = to_channels_last(torch.randn(1, 40, 4, 5, 6, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(40, 1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_Depthwise.apply, (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: _Depthwise.apply(x, w, None), (x, w))
