@@ -29,9 +29,22 @@ TRAIN_FILES = {  # patient A, the only scan trained on: path in the folder → t
     "totalsegmentator/example_ct.nii.gz": "dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1",
     "totalsegmentator/example_seg_fast_force_split.nii.gz":
         "e8097758e56e73099075b6caaebce23ef11bc6fad66a4ec3753b9406846558c7",
+    "totalsegmentator/class_map.json": "c96f7db6bb0d2f60c1960f0097aa0a994d78d3d03fbc86e816929dfbe48ed12e",
 }
+# Contrast enhancement, portal-venous minus unenhanced HU, per structure of TotalSegmentator's map
+# (name prefix → range; typical textbook values, not taken from any scan here). Patient A is an
+# unenhanced CT (liver median 46 HU); most abdominal CTs are enhanced.
+ENHANCEMENT = {
+    "liver": (40, 70), "spleen": (50, 90), "kidney_right": (80, 160), "kidney_left": (80, 160),
+    "pancreas": (40, 80), "adrenal": (20, 50), "aorta": (100, 220), "inferior_vena_cava": (80, 180),
+    "superior_vena_cava": (80, 180), "portal_vein": (100, 200), "iliac_": (80, 200), "heart": (80, 200),
+    "stomach": (10, 40), "small_bowel": (10, 40), "duodenum": (10, 40), "colon": (10, 40), "esophagus": (10, 30),
+    "gluteus": (5, 20), "autochthon": (5, 20), "iliopsoas": (5, 20),
+}
+SOFT_TISSUE_HU, SOFT_TISSUE_ENHANCEMENT = (-20, 100), (0, 15)  # unlabelled soft tissue
+FULL_COPIES, SLAB_COPIES, SLAB_SLICES = 8, 16, (8, 30)
 HELDOUT = ("totalsegmentator/example_ct_dicom", "totalsegmentator/example_seg_dicom.nii.gz")  # patient B
-ITERATIONS = 80
+ITERATIONS = 200
 PATCH = (64, 100, 120)  # the whole scan: every organ with its context in each iteration
 
 
@@ -40,15 +53,59 @@ def _log(msg: str) -> None:
 
 
 def training_pair(root: Path):
-    """Patient A's CT and its four organs as labels 1..4 (other structures: background)."""
+    """Patient A's CT, its four organs as labels 1..4 (other structures: background), the full
+    segmentation and its class names (value → name)."""
+    import json
+
     from training.io.volume import read_image
 
     image = read_image(root / "totalsegmentator/example_ct.nii.gz")
-    seg = read_image(root / "totalsegmentator/example_seg_fast_force_split.nii.gz").data[0]
+    seg = np.asarray(read_image(root / "totalsegmentator/example_seg_fast_force_split.nii.gz").data[0]).astype(np.int32)
+    names = {int(k): v for k, v in json.loads((root / "totalsegmentator/class_map.json").read_text())["total"].items()}
     labels = np.zeros(seg.shape, np.uint8)
     for i, name in enumerate(CLASSES[1:], start=1):
         labels[seg == TS_VALUES[name]] = i
-    return image, labels
+    return image, labels, seg, names
+
+
+def enhanced(hu: np.ndarray, seg: np.ndarray, names: dict[int, str], phase: float,
+             rng: np.random.Generator) -> np.ndarray:
+    """``hu`` as if scanned ``phase`` (0 = unenhanced … 1 = portal-venous) of the way into contrast."""
+    out = hu.astype(np.float32)
+    if phase <= 0:
+        return out
+    offsets = np.zeros(max(names) + 1, np.float32)
+    for value, name in names.items():
+        for prefix, (lo, hi) in ENHANCEMENT.items():
+            if name.startswith(prefix):
+                offsets[value] = phase * rng.uniform(lo, hi)
+    out += offsets[np.clip(seg, 0, len(offsets) - 1)] * (seg < len(offsets))
+    soft = (seg == 0) & (hu >= SOFT_TISSUE_HU[0]) & (hu <= SOFT_TISSUE_HU[1])
+    out[soft] += phase * rng.uniform(*SOFT_TISSUE_ENHANCEMENT)
+    return out
+
+
+def training_cases(image, seg: np.ndarray, labels: np.ndarray, names: dict[int, str], seed: int = 0) -> list:
+    """Patient A as several scans would show it: the whole scan unenhanced and at random contrast
+    phases, and thin slabs (8–30 slices, as a short series or a partial field of view) at random
+    phases, which the sampler pads with their edge slices exactly as inference pads a slab."""
+    import dataclasses
+
+    rng = np.random.default_rng(seed)
+    hu = np.asarray(image.data[0])
+    cases = []
+    for i in range(FULL_COPIES):
+        data = enhanced(hu, seg, names, 0.0 if i == 0 else rng.uniform(0, 1), rng)
+        cases.append((dataclasses.replace(image, data=data[None]), labels))
+    rows = np.nonzero(labels.reshape(labels.shape[0], -1).any(1))[0]
+    for _ in range(SLAB_COPIES):
+        n = int(rng.integers(SLAB_SLICES[0], SLAB_SLICES[1] + 1))
+        z0 = int(rng.integers(max(0, rows.min() - n // 2), min(hu.shape[0] - n, rows.max() - n // 2) + 1))
+        data = enhanced(hu[z0:z0 + n], seg[z0:z0 + n], names, rng.uniform(0, 1), rng)
+        affine = image.affine.copy()
+        affine[:3, 3] += affine[:3, 0] * z0  # the slab's first slice is the origin
+        cases.append((dataclasses.replace(image, data=data[None], affine=affine), labels[z0:z0 + n]))
+    return cases
 
 
 def heldout(model_dir: Path, root: Path) -> dict:
@@ -103,15 +160,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {root}: {', '.join(changed)} differ from the files this recipe was made with "
               "(sha256); use the original files", file=sys.stderr)
         return 2
-    image, labels = training_pair(root)
+    image, labels, seg, names = training_pair(root)
+    cases = training_cases(image, seg, labels, names)
+    # one scan's window (the copies are not more patients): ct_spec's few-scan rule, from patient A alone
+    from training.train.adaptation import normalization_for
+
+    specs = normalization_for([np.asarray(image.data, np.float32)], [labels], "CT")
     # full labels of one scan: spatial and contrast-phase augmentation, no mirroring (left/right organs)
     config = TrainConfig(iterations=args.iterations, lr=1e-2, patch_size=PATCH, batch_size=1, device="cpu",
                          checkpoint_every=0, val_every=0, fg_fraction=0.5,
                          augment=AugmentConfig(p_mirror=0.0, p_rotate=0.3, p_scale=0.3, p_shift=0.5))
-    _log(f"teaching {DOMAIN} from patient A ({image.shape}), {args.iterations} iterations, patch {PATCH}")
+    _log(f"teaching {DOMAIN} from patient A ({image.shape}) as {len(cases)} copies (contrast phases, slabs), "
+         f"{args.iterations} iterations, patch {PATCH}")
     # validation on the training scan itself: it only fits the temperature (no held-out data to spare)
-    reports = adapt_domain(args.model_dir, DOMAIN, [(image, labels)], CLASSES, "CT", init_from="spleen-ct",
-                           config=config, colors=COLORS, overwrite=True, val_cases=[(image, labels)])
+    reports = adapt_domain(args.model_dir, DOMAIN, cases, CLASSES, "CT", init_from="spleen-ct",
+                           config=config, colors=COLORS, overwrite=True, val_cases=[(image, labels)],
+                           normalization=specs)
     t0 = time.perf_counter()
     for r in reports:
         if r.iteration % 50 == 0:
@@ -130,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "source": "scripts/real_domains.py (make model REAL_DATA=…)",
         "real_scans": hashes,
         "patients": 1,
+        "augmentation": {"contrast_phases": "portal-venous enhancement per structure, scripts/real_domains.ENHANCEMENT",
+                         "copies": {"whole": FULL_COPIES, "slabs": SLAB_COPIES, "slab_slices": list(SLAB_SLICES)}},
         "heldout_evaluation": result,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }

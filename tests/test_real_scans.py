@@ -31,7 +31,8 @@ def test_the_real_ct_domain_says_what_it_was_trained_on(model):
     meta = model.meta(DOMAIN)
     assert meta.card["data_kind"] == "one-patient" and "ONE patient" in meta.card["data"]
     scans = meta.provenance["real_scans"]
-    assert set(scans) == {"totalsegmentator/example_ct.nii.gz", "totalsegmentator/example_seg_fast_force_split.nii.gz"}
+    assert set(scans) == {"totalsegmentator/example_ct.nii.gz", "totalsegmentator/example_seg_fast_force_split.nii.gz",
+                          "totalsegmentator/class_map.json"}
     assert all(len(h) == 64 for h in scans.values())  # sha256 of each file trained on
     assert not any("dicom" in f for f in scans)  # patient B is never trained on
     held = meta.provenance["heldout_evaluation"]
@@ -52,3 +53,40 @@ def test_held_out_patient_b_dicom_series_is_segmented(model):
     for value, cls, organ in ((1, "liver", LIVER), (2, "spleen", SPLEEN)):
         # what the model card states, within a little for other CPUs' arithmetic
         assert _dice(labels == value, truth == organ) > held[cls] - 0.02, cls
+
+
+def test_the_recipe_imitates_contrast_phases_and_short_series():
+    """scripts/real_domains: enhancement by structure (textbook ranges), air, fat and bone kept;
+    slabs of 8–30 slices through the organs, each with its own origin."""
+    import numpy as np
+
+    from scripts.real_domains import ENHANCEMENT, SLAB_SLICES, enhanced, training_cases
+    from training.io.volume import Volume
+
+    rng = np.random.default_rng(0)
+    hu = np.full((60, 16, 16), -1000.0, np.float32)  # air
+    hu[:, 4:12, 4:12] = -100.0  # fat
+    seg = np.zeros(hu.shape, np.int32)
+    hu[20:40, 6:10, 6:10], seg[20:40, 6:10, 6:10] = 50.0, 5  # liver
+    hu[20:40, 10:12, 10:12], seg[20:40, 10:12, 10:12] = 700.0, 29  # a vertebra
+    names = {5: "liver", 29: "vertebrae_L3"}
+    out = enhanced(hu, seg, names, 1.0, rng)
+    lo, hi = ENHANCEMENT["liver"]
+    rise = out[seg == 5] - hu[seg == 5]
+    assert np.allclose(rise, rise[0]) and lo <= rise[0] <= hi
+    assert np.array_equal(out[seg != 5], hu[seg != 5])  # air, fat and bone unchanged
+    assert np.array_equal(enhanced(hu, seg, names, 0.0, rng), hu)
+
+    labels = (seg == 5).astype(np.uint8)
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    cases = training_cases(Volume(hu[None], affine), seg, labels, names, seed=1)
+    whole = [c for c in cases if c[1].shape[0] == 60]
+    slabs = [c for c in cases if c[1].shape[0] < 60]
+    assert len(whole) >= 2 and len(slabs) >= 2
+    assert np.array_equal(whole[0][0].data[0], hu)  # one copy exactly as scanned
+    for image, lab in slabs:
+        n = lab.shape[0]
+        assert SLAB_SLICES[0] <= n <= SLAB_SLICES[1] and lab.any()
+        z0 = int(round(image.affine[0, 3] / 3.0))
+        assert np.array_equal(lab, labels[z0:z0 + n])
+        assert np.array_equal(image.data[0] == -1000.0, hu[z0:z0 + n] == -1000.0)

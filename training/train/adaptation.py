@@ -151,6 +151,7 @@ def cases_from_arrays(
     ignore_index: int = IGNORE_INDEX,
     patch_size=None,
     class_names: list[str] | None = None,
+    normalization: list[dict] | None = None,
 ) -> tuple[list[ArrayCase], list[float], list[dict]]:
     """(Volume or raw (C, Z, Y, X) array, labels (Z, Y, X)) pairs → preprocessed cases.
 
@@ -158,7 +159,8 @@ def cases_from_arrays(
     (canonical axes, the cases' median spacing, normalisation, crop), so inference later sees new
     images the same way. A bare array gets the voxel size ``spacing`` (default 1 mm). Labels:
     0 background, 1..K classes, ``ignore_index`` unlabelled. Returns the cases, the spacing
-    (canonical z, y, x) and the normalisation specs.
+    (canonical z, y, x) and the normalisation specs: ``normalization`` when given (cases that are
+    augmented copies of fewer scans would otherwise count as more scans), else derived from the cases.
     """
     from training.data.preprocess import PreprocessPlan, preprocess_case
     from training.io.resample import canonical_orientation, reorient_affine
@@ -181,7 +183,8 @@ def cases_from_arrays(
     # set the grid for all the others)
     spacings = [spacing_of(reorient_affine(v.affine, v.shape, canonical_orientation(v.affine))) for v in volumes]
     target = [float(s) for s in np.median(spacings, axis=0)]
-    specs = normalization_for([np.asarray(v.data, np.float32) for v in volumes], labels, modality, ignore_index)
+    specs = normalization or normalization_for([np.asarray(v.data, np.float32) for v in volumes], labels, modality,
+                                               ignore_index)
     plan = PreprocessPlan(spacing=target, normalization=specs, modality=modality,
                           patch_size=list(patch_size or [64, 64, 64]),
                           class_names=list(class_names or []))
@@ -208,17 +211,19 @@ def adapt_domain(
     val_cases: list | None = None,
     work_dir: Path | None = None,
     overwrite: bool = False,
+    normalization: list[dict] | None = None,
 ) -> Iterator[TrainReport]:
     """Fine-tune a new domain from in-memory images (the GUI's entry point).
 
     ``cases``: [(Volume or raw image (C, Z, Y, X), labels (Z, Y, X) with 255 = unlabelled)];
     ``class_names`` include the background first. Yields a :class:`TrainReport` per iteration;
     set ``stop`` (Event or callable) to end early; the adapter file is written at the end (and
-    when stopped) into ``model_dir/adapters/<name>.safetensors``.
+    when stopped) into ``model_dir/adapters/<name>.safetensors``. ``normalization``: see
+    :func:`cases_from_arrays`.
     """
     config = config or TrainConfig(iterations=200, batch_size=2, checkpoint_every=0)
     arrays, spacing, specs = cases_from_arrays(cases, modality, spacing, config.ignore_index,
-                                               config.patch_size, class_names)
+                                               config.patch_size, class_names, normalization)
     check_class_names(list(class_names), [c.label for c in arrays], config.ignore_index)
     patch = config.patch_size or default_patch(arrays[0].label.shape)
     channels = arrays[0].image.shape[0]

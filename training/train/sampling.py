@@ -4,8 +4,10 @@ A third of the patches of a batch (``fg_fraction``) are centred on a random labe
 foreground voxel, so that small structures are seen often; the rest are anywhere in a random
 case, except in a case labelled only in part (some slices, the rest ``ignore_index``): there they
 are centred on a random labelled voxel, background included, since a patch without one teaches
-nothing. Cases smaller than the patch are padded: image with 0 (the normalised mean) and label
-with ``pad_label`` (default the ignore value, so padding counts in no loss).
+nothing. Cases smaller than the patch are padded as inference pads them (the edge values,
+:func:`training.infer.sliding_window.sliding_window`), the label with ``pad_label`` (default the
+ignore value, so padding counts in no loss): a 20-slice slab is then seen in training as it will
+be seen when segmented.
 All randomness comes from the ``torch.Generator`` passed to :meth:`PatchSampler.sample`.
 """
 
@@ -85,16 +87,18 @@ class PatchSampler:
         """The patch at ``starts`` (may lie partly outside the case: padded)."""
         image, label = np.asarray(case.image), np.asarray(case.label)
         p = self.patch_size
-        out_img = np.zeros((image.shape[0], *p), dtype=np.float32)
         out_lab = np.full(p, self.pad_label, dtype=np.uint8)
-        src, dst = [], []
+        src, dst, pads = [], [], []
         for s, size, dim in zip(starts, p, label.shape):
             a, b = max(s, 0), min(s + size, dim)
             src.append(slice(a, b))
             dst.append(slice(a - s, b - s))
-        out_img[(slice(None), *dst)] = image[(slice(None), *src)]
+            pads.append((a - s, s + size - b))
+        out_img = np.asarray(image[(slice(None), *src)], dtype=np.float32)
+        if any(a or b for a, b in pads):
+            out_img = np.pad(out_img, [(0, 0), *pads], mode="edge")
         out_lab[tuple(dst)] = label[tuple(src)]
-        return out_img, out_lab
+        return np.ascontiguousarray(out_img), out_lab
 
     def sample(self, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch: image (N, C, *patch) float32 and label (N, *patch) int64 tensors (CPU)."""
