@@ -176,3 +176,25 @@ def test_depthwise_backward_is_the_true_gradient_for_any_channel_count():
     b = torch.randn(40, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_Depthwise.apply, (x, w, b))
     assert torch.autograd.gradcheck(lambda x, w: _Depthwise.apply(x, w, None), (x, w))
+
+
+def test_cpu_inference_is_exact_and_the_same_for_any_thread_count():
+    """Inference takes InstanceNorm statistics in two passes: float32 outputs match the plain
+    modules closely, and bit for bit whatever the number of threads (the plugin trains and runs
+    with other thread counts than the CLI)."""
+    torch.manual_seed(0)
+    net = U2Net(ArchConfig(16, 3), [DomainConfig("d", 1, 3)]).eval()
+    x = torch.randn(1, 1, 32, 96, 96) * 50 + 40
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        with torch.no_grad():
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                outs.append(net(x, "d"))
+            net.cpu_kernels = False
+            plain = net(x, "d")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], plain, rtol=1e-4, atol=1e-4)
