@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 BENCH_SEED = 1000  # synthetic held-out seed (README, bench_calibration.py)
 MNI_BENCH_SEED = 0  # the MNI152 template's evaluation stream
-MAX_DICE_DROP = 0.005
+from training.infer.quantize import MAX_DICE_DROP  # noqa: E402 - after the path is set
 SPEED_TILES = 16
 REPEATS = 5
 
@@ -60,14 +60,15 @@ class _Counted:
 
 @contextmanager
 def graph_in_cache(net, domain: str, patch, compiled):
-    """Make the OpenVINO backend run ``compiled`` for this domain (the in-process cache is keyed by
-    weights, domain, patch and batch; the CPU's batch is 1). Until the backend takes a precision of
-    its own, this is how the whole pipeline runs a quantised graph; it fails if the backend did not."""
+    """Make the OpenVINO backend's f32 slot run ``compiled`` for this domain (the in-process cache is
+    keyed by weights, domain, patch, batch and precision; the CPU's batch is 1): the pipeline then
+    runs a quantised graph whatever its check would say (runs themselves take INT8 only once
+    ``u2net prepare --precision int8`` accepted it). Fails if the backend did not run it."""
     from training.infer.backends import OPENVINO_CACHE, _weights_key
 
     counted = _Counted(compiled)
     OPENVINO_CACHE.clear()
-    OPENVINO_CACHE.get((_weights_key(net, domain), domain, tuple(int(p) for p in patch), 1), lambda: counted)
+    OPENVINO_CACHE.get((_weights_key(net, domain), domain, tuple(int(p) for p in patch), 1, "f32"), lambda: counted)
     try:
         yield
         if counted.requests == 0:
@@ -84,7 +85,7 @@ def mean_dice(model, domain: str, compiled, cases: list) -> float:
     scores = []
     with graph_in_cache(model.net, domain, meta.patch_size, compiled):
         for volume, truth in cases:
-            labels = predict(model, volume, [domain], InferenceConfig(backend="openvino", device="cpu"))[domain].labels
+            labels = predict(model, volume, [domain], InferenceConfig(backend="openvino", device="cpu", precision="f32"))[domain].labels
             scores.append(mean_ignoring_nan(dice_per_class(labels, truth, meta.num_classes)))
     return float(np.mean(scores))
 

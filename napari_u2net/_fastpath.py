@@ -48,7 +48,7 @@ def backend_choices(model, domains: list[str], config: InferenceConfig) -> dict[
     device = resolve_device(config.device)
     batch = cpu_batch(config.batch_size) if device.type == "cpu" else (config.batch_size or default_batch_size(device))
     return {d: resolve_backend(config.backend, torch.device(device), model.net, d, model.meta(d).patch_size,
-                               batch, config.amp) for d in domains}
+                               batch, config.amp, precision=config.precision) for d in domains}
 
 
 def describe(choices: dict[str, tuple[str, str]]) -> str:

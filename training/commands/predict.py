@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training.infer.config import BACKENDS, InferenceConfig
+from training.infer.config import BACKENDS, PRECISIONS, InferenceConfig
 
 NAME = "predict"
 HELP = "segment one image (NIfTI or DICOM folder), or every case of a folder (-i), with one or more domains"
@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "is big enough to pay for it, see `u2net prepare`); torch (eager); compiled (CPU: "
                         "TorchInductor ahead-of-time, compiled once per domain and patch and kept on disk: the first "
                         "run takes minutes); openvino (CPU only, converted on its first run)")
+    p.add_argument("--precision", choices=PRECISIONS, default=InferenceConfig.precision,
+                   help="OpenVINO's number format on the CPU: auto (default: INT8 where `u2net prepare --precision "
+                        "int8` quantised the domain and its check accepted it, else f32); f32; bf16 (CPUs with bf16 "
+                        "units); int8 (needs that preparation)")
     p.add_argument("--no-postprocess", action="store_true",
                    help="keep every connected component (default: each class keeps as many as its training labels had)")
     p.add_argument("--no-amp", action="store_true", help="full float32 on the GPU")
@@ -63,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     config = InferenceConfig(
         device=args.device, overlap=args.overlap, batch_size=args.batch_size,
         postprocess=not args.no_postprocess, backend=args.backend, amp=not args.no_amp,
+        precision=args.precision,
     )
     if args.input_folder is not None:
         if args.images:
@@ -115,7 +120,7 @@ def check_backend(config: InferenceConfig) -> None:
     from training.infer.backends import resolve_backend
     from training.io.devices import resolve_device
 
-    resolve_backend(config.backend, resolve_device(config.device))
+    resolve_backend(config.backend, resolve_device(config.device), precision=config.precision)
 
 
 class FastPath:
@@ -155,7 +160,8 @@ class FastPath:
             self.model = load_model(resolve_model(self.model), domains=self.domains)
         say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         config, tiles, note = self.config, p.total * self.cases, ""
-        if needs_preparing(self.model, d, config.device, config.batch_size):
+        # bf16 and int8 need no f32 graph first (int8: prepared on purpose, or refused just below)
+        if config.precision in ("auto", "f32") and needs_preparing(self.model, d, config.device, config.batch_size):
             if worth_preparing(tiles):
                 say(f"preparing the fast path for {d}, once (converting it to OpenVINO; later runs start at once)…")
                 done = prepare_domain(self.model, d, config.batch_size,
@@ -167,7 +173,7 @@ class FastPath:
         device = resolve_device(config.device)
         batch = cpu_batch(config.batch_size) if device.type == "cpu" else (config.batch_size or default_batch_size(device))
         name, reason = resolve_backend(config.backend, device, self.model.net, d, self.model.meta(d).patch_size,
-                                       batch, config.amp)
+                                       batch, config.amp, precision=config.precision)
         print(f"backend{'' if self.single else f' for {d}'}: {name} ({reason}{note})", flush=True)  # stdout
 
 

@@ -17,12 +17,18 @@ batch) and kept in a small in-process cache and on disk (``<U2NET_HOME or OS cac
   each with a sha256 sidecar (a damaged file is rebuilt, never loaded).
 * ``auto`` (the default): :func:`resolve_backend` takes the fastest of these that is ready now,
   never one that must first be built (:mod:`training.infer.prepare` builds them on purpose).
+
+OpenVINO runs in one of three *precisions* (:data:`training.infer.config.PRECISIONS`): f32; bf16
+(the f32 graph compiled with bf16 inference precision, on CPUs with bf16 units); int8 (a graph
+quantised by ``u2net prepare --precision int8``, used only when the check recorded beside it
+accepted it). Precision ``auto`` takes INT8 where it was accepted, else f32.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -31,13 +37,14 @@ import threading
 import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from training.errors import InputError
-from training.infer.config import validate_backend
+from training.infer.config import validate_backend, validate_precision
 from training.model.registry import sha256_of
 
 log = logging.getLogger(__name__)
@@ -265,48 +272,111 @@ def openvino_core() -> tuple:
 
 
 class OpenVINOFiles:
-    """Where one graph's IR and compiled blob live (see the comment above)."""
+    """Where one graph's IR and compiled blob live (see the comment above). ``precision`` "int8"
+    has its own, quantised IR and a ``verdict`` (the check that accepted or refused it, JSON);
+    "bf16" is the f32 IR compiled with bf16 inference precision (a blob of its own)."""
 
-    def __init__(self, net: nn.Module, domain: str, patch_size, batch_size: int, weights_key: str | None = None):
+    def __init__(self, net: nn.Module, domain: str, patch_size, batch_size: int, weights_key: str | None = None,
+                 precision: str = "f32"):
         import openvino as ov
 
+        self.precision = precision
         self.core, cpu = openvino_core()
         runtime = "openvino-" + ov.__version__
         key = _graph_key(net, domain, patch_size, batch_size, runtime, weights_key)
+        if precision == "int8":
+            key += "-int8"
         folder = openvino_dir()
         self.ir = folder / f"{key}.xml"
         self.bin = self.ir.with_suffix(".bin")
-        self.blob = folder / f"{key}-{cpu}.blob"
+        self.blob = folder / f"{key}-{cpu}{'-bf16' if precision == 'bf16' else ''}.blob"
+        self.verdict = folder / f"{key}.verdict.json"
 
     def ready(self) -> bool:
         """A usable entry is on disk: the compiled blob, or at least the IR (compiling it takes a
-        second, converting it is what takes long)."""
+        second, converting it is what takes long); for INT8 only an accepted one."""
+        if self.precision == "int8" and not (read_verdict(self) or {}).get("accepted"):
+            return False
         return _intact(self.blob) or _intact(self.ir, self.bin)
 
 
-def openvino_ready(net: nn.Module, domain: str, patch_size, batch_size: int, weights_key: str | None = None) -> bool:
+def read_verdict(files: OpenVINOFiles) -> dict | None:
+    """The INT8 check's record (:func:`training.infer.prepare.prepare_domain` writes it), or None
+    when there is none or it is damaged (then it is removed)."""
+    if not _intact(files.verdict):
+        return None
+    try:
+        verdict = json.loads(files.verdict.read_text())
+        if isinstance(verdict, dict) and isinstance(verdict.get("accepted"), bool):
+            return verdict
+    except (OSError, ValueError):
+        pass
+    _discard(files.verdict)
+    return None
+
+
+def write_verdict(files: OpenVINOFiles, verdict: dict) -> None:
+    """Record the INT8 check (sealed like the graphs; a stale sidecar never vouches for it)."""
+    from training.io.atomic import atomic_write_text
+
+    _discard(files.verdict)
+    atomic_write_text(files.verdict, json.dumps(verdict, indent=1) + "\n")
+    _seal(files.verdict)
+
+
+def save_openvino_ir(model, files: OpenVINOFiles) -> bool:
+    """Keep ``model`` as ``files``' IR (e.g. an INT8 graph just quantised); False when the cache
+    cannot take it (read-only, full): a warning, and this run still has the graph in memory."""
+    _save_openvino_ir(model, files)
+    return _intact(files.ir, files.bin)
+
+
+def bf16_supported() -> bool:
+    """This CPU has bf16 units (OpenVINO lists "BF16" among its capabilities)."""
+    if not openvino_available():
+        return False
+    core, _ = openvino_core()
+    try:
+        return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # noqa: BLE001 - an OpenVINO that cannot say: not offered
+        return False
+
+
+def openvino_ready(net: nn.Module, domain: str, patch_size, batch_size: int, weights_key: str | None = None,
+                   precision: str = "f32") -> bool:
     """True when this domain's OpenVINO graph can be had without converting the network: in this
-    process's cache, or intact on disk. False without OpenVINO."""
+    process's cache, or intact on disk (INT8: quantised and accepted). False without OpenVINO."""
     if not openvino_available():
         return False
     weights_key = weights_key or _weights_key(net, domain)
     patch = tuple(int(p) for p in patch_size)
-    if OPENVINO_CACHE.contains((weights_key, domain, patch, batch_size)):
+    if OPENVINO_CACHE.contains((weights_key, domain, patch, batch_size, precision)):
         return True
-    return OpenVINOFiles(net, domain, patch, batch_size, weights_key).ready()
+    return OpenVINOFiles(net, domain, patch, batch_size, weights_key, precision).ready()
+
+
+def prepare_int8_hint(domain: str) -> str:
+    return (f"run `u2net prepare --precision int8 --domain {domain}` (it quantises the domain and keeps INT8 "
+            "only if its labels agree with f32's)")
 
 
 def compile_openvino(net: nn.Module, domain: str, in_channels: int, patch_size, batch_size: int,
-                     weights_key: str | None = None, progress=None):
+                     weights_key: str | None = None, progress=None, precision: str = "f32"):
     """One domain's network compiled by OpenVINO (a ``CompiledModel``): imported from the blob on
     disk, else compiled from the IR on disk, else converted from the network first (the slow part:
     seconds to a minute). What was made is saved for the next run. ``progress(stage)`` hears
-    "converting", "compiling", "loading"."""
+    "converting", "compiling", "loading". INT8 is never made here (it needs calibration:
+    :mod:`training.infer.prepare`): without an accepted INT8 graph on disk, InputError."""
     say = progress or (lambda stage: None)
     patch = tuple(int(p) for p in patch_size)
-    files = OpenVINOFiles(net, domain, patch, batch_size, weights_key)
+    files = OpenVINOFiles(net, domain, patch, batch_size, weights_key, precision)
     core = files.core
-    config = {"INFERENCE_PRECISION_HINT": "f32"}  # else CPUs with bf16 units drift from torch
+    if precision == "int8" and not files.ready():
+        raise InputError(f"no accepted INT8 graph of domain {domain!r} for these weights; {prepare_int8_hint(domain)}")
+    if precision == "bf16":
+        files.ir, files.bin = (f := OpenVINOFiles(net, domain, patch, batch_size, weights_key)).ir, f.bin
+    # f32 unless bf16 is asked for: else CPUs with bf16 units drift from torch
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
     if _intact(files.blob):
         say("loading")
         try:
@@ -322,6 +392,8 @@ def compile_openvino(net: nn.Module, domain: str, in_channels: int, patch_size, 
         except Exception as e:  # noqa: BLE001 - an IR this OpenVINO cannot read: convert again
             log.warning("OpenVINO could not read %s (%s); converting again", files.ir.name, e)
             _discard(files.ir, files.bin)
+    if model is None and precision == "int8":  # damaged since the check above
+        raise InputError(f"the INT8 graph of domain {domain!r} is damaged; {prepare_int8_hint(domain)}")
     if model is None:
         say("converting")
         model = _convert(net, domain, in_channels, patch, batch_size)
@@ -473,26 +545,91 @@ def load_compiled(net: nn.Module, domain: str, patch_size, batch_size: int, weig
 
 
 # -- choosing ---------------------------------------------------------------------------------------
-def resolve_backend(backend: str, device: torch.device, net: nn.Module | None = None, domain: str | None = None,
-                    patch_size=None, batch_size: int = 1, amp: bool = True,
-                    weights_key: str | None = None) -> tuple[str, str]:
-    """The backend that runs, and why: ``(name, reason)``.
+@dataclass(frozen=True)
+class Choice:
+    """What runs a domain's network: the backend, its precision ("f32" but on OpenVINO), and why."""
+
+    backend: str
+    precision: str
+    reason: str
+
+
+def choose(backend: str, device: torch.device, net: nn.Module | None = None, domain: str | None = None,
+           patch_size=None, batch_size: int = 1, amp: bool = True, weights_key: str | None = None,
+           precision: str = "auto") -> Choice:
+    """The backend and precision that run, and why.
 
     An explicit backend is checked (installed, on a device it runs on) and kept. ``auto`` takes
     the fastest path that is ready *now*, never one that must first be built: on CUDA torch with
     mixed precision, on MPS torch, on the CPU OpenVINO when its graph for these weights, domain,
     patch and batch is in memory or intact on disk, else a compiled (AOTInductor) package already
     on disk, else eager torch. (Building the fast path is :mod:`training.infer.prepare`'s job.)
-    Without ``net`` and ``domain`` only the device decides.
+    Precision bf16 or int8 means OpenVINO on the CPU (``auto`` backend included); int8 needs an
+    accepted INT8 graph. Precision ``auto`` on OpenVINO takes INT8 where one was accepted.
+    Without ``net`` and ``domain`` only the device (and the settings) decide.
     """
     device = torch.device(device)
+    validate_precision(precision)
     if backend != "auto":
         validate_backend(backend)
         if backend != "torch" and device.type != "cpu":
             raise InputError(f"the {backend} backend runs on the CPU only; use --device cpu (not {device})")
         if backend == "openvino" and not openvino_available():
             raise InputError(f"the OpenVINO backend is not installed; {OPENVINO_HINT}")
-        return backend, "asked for"
+    if precision in ("bf16", "int8"):
+        return _reduced_precision(backend, device, net, domain, patch_size, batch_size, weights_key, precision)
+    if backend != "auto":
+        return Choice(backend, "f32", "asked for")
+    name, reason = _auto_backend(device, net, domain, patch_size, batch_size, amp, weights_key)
+    if name == "openvino" and precision == "auto":
+        patch = tuple(int(p) for p in patch_size)
+        weights_key = weights_key or _weights_key(net, domain)
+        try:
+            int8 = openvino_ready(net, domain, patch, batch_size, weights_key, "int8")
+        except (OSError, InputError):  # an unusable cache folder: f32, as found above
+            int8 = False
+        if int8:
+            return Choice(name, "int8", f"{reason}, INT8 (accepted by its check)")
+    return Choice(name, "f32", reason)
+
+
+def resolve_backend(backend: str, device: torch.device, net: nn.Module | None = None, domain: str | None = None,
+                    patch_size=None, batch_size: int = 1, amp: bool = True, weights_key: str | None = None,
+                    precision: str = "auto") -> tuple[str, str]:
+    """``(backend, reason)`` of :func:`choose` (the reason names a precision other than f32)."""
+    c = choose(backend, device, net, domain, patch_size, batch_size, amp, weights_key, precision)
+    return c.backend, c.reason
+
+
+def _reduced_precision(backend: str, device: torch.device, net, domain, patch_size, batch_size: int,
+                       weights_key, precision: str) -> Choice:
+    """bf16 or int8, asked for: OpenVINO on the CPU, with what that needs, or one line why not."""
+    if backend in ("torch", "compiled"):
+        raise InputError(f"precision {precision} runs on the OpenVINO backend only; use --backend openvino "
+                         f"(or auto), or --precision f32 with {backend}")
+    if device.type != "cpu":
+        raise InputError(f"precision {precision} runs on the CPU only (OpenVINO); use --device cpu (not {device})")
+    if not openvino_available():
+        raise InputError(f"precision {precision} needs the OpenVINO backend, which is not installed; {OPENVINO_HINT}")
+    if precision == "bf16" and not bf16_supported():
+        raise InputError("this CPU has no bf16 units (OpenVINO does not list BF16 for it); use --precision f32")
+    reason = "asked for" if backend == "openvino" else f"auto: precision {precision} asked for"
+    if precision == "int8" and net is not None and domain is not None:
+        patch = tuple(int(p) for p in patch_size)
+        weights_key = weights_key or _weights_key(net, domain)
+        verdict = read_verdict(OpenVINOFiles(net, domain, patch, batch_size, weights_key, "int8"))
+        if verdict is not None and not verdict["accepted"]:
+            raise InputError(f"INT8 was refused for domain {domain!r} ({verdict.get('why', 'its check failed')}); "
+                             "use --precision f32 (or auto)")
+        if not openvino_ready(net, domain, patch, batch_size, weights_key, "int8"):
+            raise InputError(f"no INT8 graph of domain {domain!r} is prepared for these weights; "
+                             f"{prepare_int8_hint(domain)}")
+        reason += f" ({verdict['why']})" if verdict and verdict.get("why") else ""
+    return Choice("openvino", precision, reason)
+
+
+def _auto_backend(device: torch.device, net, domain, patch_size, batch_size: int, amp: bool,
+                  weights_key) -> tuple[str, str]:
     if device.type == "cuda":
         return "torch", "auto: CUDA GPU" + (", mixed precision" if amp else "")
     if device.type != "cpu":
@@ -516,21 +653,25 @@ def resolve_backend(backend: str, device: torch.device, net: nn.Module | None = 
 
 
 def make_runner(net: nn.Module, domain: str, backend: str, device: torch.device, *, amp: bool = True,
-                patch_size=None, batch_size: int = 1, channels_last: bool | None = None):
+                patch_size=None, batch_size: int = 1, channels_last: bool | None = None, precision: str = "auto"):
     """Build the runner for ``backend`` (one of :data:`training.infer.config.BACKENDS`; ``auto`` as
-    :func:`resolve_backend` says); ``channels_last`` (torch only): None = on the CPU, which works on
-    a copy of the network. The runner's ``backend`` and ``reason`` say what runs and why."""
+    :func:`choose` says) and ``precision``; ``channels_last`` (torch only): None = on the CPU, which
+    works on a copy of the network. The runner's ``backend``, ``precision`` and ``reason`` say what
+    runs and why."""
     validate_backend(backend)
     device = torch.device(device)
     config = net.domain_config(domain)
     patch = None if patch_size is None else tuple(int(p) for p in patch_size)
     weights = _weights_key(net, domain) if device.type == "cpu" and backend != "torch" else None
-    chosen, reason = resolve_backend(backend, device, net if patch else None, domain, patch, batch_size, amp, weights)
+    c = choose(backend, device, net if patch else None, domain, patch, batch_size, amp, weights, precision)
+    chosen, reason = c.backend, c.reason
     runner = None
     if chosen == "openvino":
+        weights = weights or _weights_key(net, domain)
         compiled = OPENVINO_CACHE.get(
-            (weights, domain, patch, batch_size),
-            lambda: compile_openvino(net, domain, config.in_channels, patch, batch_size, weights),
+            (weights, domain, patch, batch_size, c.precision),
+            lambda: compile_openvino(net, domain, config.in_channels, patch, batch_size, weights,
+                                     precision=c.precision),
         )
         runner = OpenVINORunner(compiled, batch_size, config.num_classes)
     elif chosen == "compiled":
@@ -546,6 +687,7 @@ def make_runner(net: nn.Module, domain: str, backend: str, device: torch.device,
     if runner is None:
         runner = TorchRunner(net, domain, device, amp=amp, channels_last=channels_last)
     runner.backend, runner.reason = chosen, reason
+    runner.precision = c.precision if chosen == "openvino" else "f32"
     return runner
 
 

@@ -166,7 +166,7 @@ def predict(
             x = torch.from_numpy(normalize(image, meta.normalization))
             runner = make_runner(
                 model.net, d, config.backend, device, amp=config.amp,
-                patch_size=meta.patch_size, batch_size=batch,
+                patch_size=meta.patch_size, batch_size=batch, precision=config.precision,
             )
             classes = back.label_sink(grid_shape, meta.num_classes)
             map_sinks = _map_sinks(config, meta, grid_shape)

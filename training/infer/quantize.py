@@ -4,23 +4,28 @@ Quantising needs no training, only a few dozen *calibration* inputs that look li
 inference feeds the network: tiles of normalised images at the domain's spacing. For the shipped
 domains they come from the synthetic generator (:func:`training.data.synth.generate_case`) and the
 MNI152 template's case stream, drawn with :data:`CALIBRATION_SEED` (never trained on, never used to
-fit the temperatures, never used for held-out Dice). A domain is only worth quantising when its
-Dice holds and it runs faster: ``bench/bench_int8.py`` measures both per domain (figures in the
-README, "Benchmarks: end to end").
+fit the temperatures, never used for held-out Dice); for any other domain from the user's scans.
+A domain is only worth quantising when its labels hold and it runs faster: :func:`check_int8`
+decides that for ``u2net prepare --precision int8`` (:mod:`training.infer.prepare`), on held-out
+synthetic cases against their truth, or on the user's scans against fp32's labels; ``bench/bench_int8.py`` measures the Dice drop against the truth
+per shipped domain (figures in the README, "Benchmarks: end to end").
 
-API (what a backend calls; nothing here is wired into :mod:`training.infer.backends` yet)::
+API::
 
     ov_model = convert_domain(net, domain, patch, batch)   # the fp32 graph
     patches = calibration_patches(model, domain, 64)       # list of (1, C, *patch) float32
     int8 = quantize_openvino(ov_model, patches)            # an ov.Model, INT8 weights and activations
     compiled = compile_for_cpu(int8)                       # or compile_for_cpu(ov_model, "bf16")
+    check = check_int8(compile_for_cpu(ov_model), compiled, check_cases(model, domain), meta)
 """
 
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,16 +61,24 @@ def network_input(volume, meta) -> np.ndarray:
     """What the network sees of ``volume`` for a domain (``meta``: its AdapterMeta): canonical axes,
     the domain's spacing, its normalisation; (C, Z, Y, X) float32, as :func:`~training.infer.pipeline.predict`
     prepares it."""
+    return _on_grid(volume, meta)[0]
+
+
+def _on_grid(volume, meta, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`network_input`, and ``labels`` (on the volume's grid) brought onto the same grid."""
     orient = canonical_orientation(volume.affine)
     affine_c = reorient_affine(volume.affine, volume.shape, orient)
     data_c = reorient_array(volume.data, orient)
+    labels_c = None if labels is None else reorient_array(labels[None], orient)[0]
     shape_c = tuple(data_c.shape[1:])
     if needs_resampling(affine_c, meta.spacing):
         grid_affine, grid_shape = resampled_grid(affine_c, shape_c, meta.spacing)
         image = np.stack([resample(c, affine_c, grid_affine, grid_shape) for c in data_c])
+        if labels_c is not None:
+            labels_c = resample(labels_c, affine_c, grid_affine, grid_shape, linear=False)
     else:
         image = np.ascontiguousarray(data_c, dtype=np.float32)
-    return normalize(image, meta.normalization)
+    return normalize(image, meta.normalization), None if labels_c is None else np.ascontiguousarray(labels_c)
 
 
 def recipe_of(model) -> dict:
@@ -112,17 +125,26 @@ def tiles_of(image: np.ndarray, patch: Sequence[int], overlap: float = 0.5) -> l
 
 
 def calibration_patches(model, domain: str, count: int = 64, cases: int = 8,
-                        seed: int = CALIBRATION_SEED) -> list[np.ndarray]:
+                        seed: int = CALIBRATION_SEED, volumes: Sequence | None = None) -> list[np.ndarray]:
     """``count`` tiles (1, C, *patch) float32 of ``domain``'s calibration cases, drawn at random from
     the tiles of ``cases`` cases (inference's own tiling, so the activations' ranges are those it
-    meets); fewer when the cases hold fewer tiles."""
+    meets); fewer when the cases hold fewer tiles. ``volumes``: the user's scans (Volume) instead
+    of synthetic cases, for domains that have none."""
     if count < 1 or cases < 1:
         raise InputError(f"calibration needs at least one patch and one case, got {count} and {cases}")
     if domain not in model.adapters:
         raise InputError(f"unknown domain {domain!r}; this model has: {', '.join(model.domains)}")
     meta = model.meta(domain)
+    if volumes:
+        for v in volumes:
+            if v.data.shape[0] != meta.in_channels:
+                raise InputError(f"{v.source}: {v.data.shape[0]} channel(s), domain {domain!r} takes "
+                                 f"{meta.in_channels}: calibrate on scans of the kind it segments")
+        sources = ((v, None) for v in volumes)
+    else:
+        sources = synthetic_cases(domain, seed, cases, recipe_of(model))
     tiles: list[np.ndarray] = []
-    for volume, _ in synthetic_cases(domain, seed, cases, recipe_of(model)):
+    for volume, _ in sources:
         tiles.extend(tiles_of(network_input(volume, meta), meta.patch_size))
     pick = np.random.default_rng(seed).permutation(len(tiles))[:count]
     return [tiles[i] for i in sorted(pick)]
@@ -174,3 +196,134 @@ def compile_for_cpu(ov_model, precision: str = "f32"):
         raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     ov = _openvino()
     return ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+
+
+# -- the check ------------------------------------------------------------------------------------
+MAX_DICE_DROP = 0.005  # INT8 is kept only if it loses at most this much Dice (issue 19)
+CHECK_SEED = 1000  # the synthetic held-out cases (README, bench_calibration.py), never calibrated on
+
+
+@dataclass
+class CheckCase:
+    """One case of the check on the network's grid: its input (C, Z, Y, X) and, where known, the
+    truth (Z, Y, X)."""
+
+    image: np.ndarray
+    truth: np.ndarray | None = None
+
+
+def check_cases(model, domain: str, count: int = 4, volumes: Sequence | None = None,
+                truth=None) -> list[CheckCase]:
+    """The cases :func:`check_int8` runs: ``volumes`` (the user's scans; ``truth``: a label Volume of
+    the last one, in the domain's class numbers), else ``count`` held-out synthetic cases
+    (:data:`CHECK_SEED`) with their labels."""
+    meta = model.meta(domain)
+    if volumes:
+        cases = [CheckCase(network_input(v, meta)) for v in volumes[:-1]]
+        labels = None if truth is None else _labels_on(truth, volumes[-1], meta.num_classes)
+        return [*cases, CheckCase(*_on_grid(volumes[-1], meta, labels))]
+    return [CheckCase(*_on_grid(v, meta, lab)) for v, lab in
+            synthetic_cases(domain, CHECK_SEED, count, recipe_of(model))]
+
+
+def _labels_on(truth, volume, num_classes: int) -> np.ndarray:
+    """``truth`` (a label Volume) on ``volume``'s grid, its values checked against the classes."""
+    data = np.asarray(truth.data[0])
+    if data.size and (np.any(data != np.round(data)) or data.min() < 0 or data.max() >= num_classes):
+        raise InputError(f"{truth.source}: label values must be whole numbers 0…{num_classes - 1} (the domain's "
+                         f"classes), found {data.min():g}…{data.max():g}")
+    data = data.astype(np.uint8 if num_classes <= 256 else np.uint16)
+    if data.shape == tuple(volume.shape) and np.allclose(truth.affine, volume.affine, atol=1e-3):
+        return data
+    return resample(data, truth.affine, volume.affine, tuple(volume.shape), linear=False)
+
+
+@dataclass
+class Int8Check:
+    """How an INT8 graph did against its fp32 graph on the check's cases (:func:`check_int8`)."""
+
+    drop: float  # Dice lost: against the truth where known, else 1 − agreement with fp32's labels
+    reference: str  # "truth" or "f32 labels"
+    agreement: float  # mean over cases and classes of the Dice between INT8's and fp32's labels
+    cases: int
+    speedup: float  # fp32 seconds / INT8 seconds over those cases
+    accepted: bool
+    why: str  # one line: the figures, and the reason when refused
+    dice_f32: float | None = None  # against the truth
+    dice_int8: float | None = None
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over the foreground classes present in either (NaN when none is)."""
+    scores = []
+    for k in range(1, num_classes):
+        p, t = pred == k, truth == k
+        total = np.count_nonzero(p) + np.count_nonzero(t)
+        if total:
+            scores.append(2 * np.count_nonzero(p & t) / total)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def case_labels(compiled, image: np.ndarray, meta, batch_size: int = 1) -> tuple[np.ndarray, float]:
+    """A graph's labels of one case on the network's grid, as inference makes them (overlapping
+    tiles, each class's usual components), and the seconds of the sweep."""
+    from training.infer.backends import OpenVINORunner
+    from training.infer.postprocess import keep_largest_components
+    from training.infer.sliding_window import LabelSink, sweep_slabs
+
+    runner = OpenVINORunner(compiled, batch_size, meta.num_classes)
+    sink = LabelSink(image.shape[1:], meta.num_classes)
+    start = time.perf_counter()
+    sweep_slabs(runner, meta.domain, torch.from_numpy(image), meta.patch_size, [sink], batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    labels = sink.result()
+    keep_largest_components(labels, meta.kept_components)
+    return labels, seconds
+
+
+def check_int8(fp32_compiled, int8_compiled, cases: Sequence[CheckCase], meta, batch_size: int = 1,
+               max_drop: float = MAX_DICE_DROP, min_speedup: float = 1.0) -> Int8Check:
+    """Accept INT8 when it loses at most ``max_drop`` Dice on ``cases`` and is at least
+    ``min_speedup`` times as fast as fp32. Where the truth is known the drop is Dice(fp32) −
+    Dice(INT8) against it; without the truth fp32's labels stand in for it (drop = 1 − their
+    agreement: where fp32 is right, INT8 loses exactly that)."""
+    if not cases:
+        raise InputError("the INT8 check needs cases, got none")
+    warm = np.ascontiguousarray(tiles_of(cases[0].image, meta.patch_size)[0])
+    for compiled in (fp32_compiled, int8_compiled):  # the first inference of a graph is slow
+        compiled.create_infer_request().infer({0: np.concatenate([warm] * batch_size)})
+    k = meta.num_classes
+    ref_s = out_s = 0.0
+    agreement, dice_ref, dice_out = [], [], []
+    for case in cases:
+        ref, s1 = case_labels(fp32_compiled, case.image, meta, batch_size)
+        out, s2 = case_labels(int8_compiled, case.image, meta, batch_size)
+        ref_s, out_s = ref_s + s1, out_s + s2
+        agreement.append(_dice(out, ref, k))
+        if case.truth is not None:
+            dice_ref.append(_dice(ref, case.truth, k))
+            dice_out.append(_dice(out, case.truth, k))
+    speedup = ref_s / max(out_s, 1e-9)
+    agree = float(np.nanmean(agreement)) if not np.isnan(agreement).all() else float("nan")
+    truth = bool(dice_ref) and not np.isnan(dice_ref).all()
+    if truth:
+        d_ref, d_out = float(np.nanmean(dice_ref)), float(np.nanmean(dice_out))
+        drop, reference = d_ref - d_out, "truth"
+        figures = f"Dice {d_out:.4f} against f32's {d_ref:.4f} on {len(cases)} case(s)"
+    else:
+        d_ref = d_out = None
+        drop, reference = 1.0 - agree, "f32 labels"
+        figures = f"labels agree {agree:.4f} with f32's on {len(cases)} case(s)"
+    figures += f", {speedup:.2f}× as fast"
+
+    def result(accepted: bool, why: str) -> Int8Check:
+        return Int8Check(drop, reference, agree, len(cases), speedup, accepted, why, d_ref, d_out)
+
+    if np.isnan(drop):
+        return result(False, "the check's cases show none of the domain's classes: calibrate on scans that show them")
+    if drop > max_drop:
+        return result(False, f"{figures}; loses {drop:.4f} Dice, more than {max_drop}")
+    if speedup < min_speedup:
+        return result(False, f"{figures}: not faster than f32 here" if min_speedup <= 1
+                      else f"{figures}; needs {min_speedup}×")
+    return result(True, figures)
