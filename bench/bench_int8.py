@@ -10,6 +10,10 @@ NNCF (``training.infer.quantize``; calibrated on tiles of synthetic cases drawn 
 * on the same fixed tiles (16 of those cases' own sliding-window tiles, batch 1), for
   the speed, the graphs taking turns (best of 5 passes each).
 
+A domain without synthetic cases (``abdomen-ct``) is quantised as a user would, by
+``u2net prepare --precision int8``'s code: calibrated on the real patient A's CT and checked on
+patient B's, held out, against its labels (skipped without ``../shared/realdata``).
+
 JSON lines (last): ``{"bench": "int8", "domain", "speedup_vs_fp32", "dice_drop", "accepted", …}``
 (accepted: Dice drop ≤ 0.005 and speedup ≥ 1.0) and ``{"bench": "bf16", "domain",
 "speedup_vs_fp32", "dice_drop", …}``.
@@ -35,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 
 BENCH_SEED = 1000  # synthetic held-out seed (README, bench_calibration.py)
 MNI_BENCH_SEED = 0  # the MNI152 template's evaluation stream
-from training.infer.quantize import MAX_DICE_DROP  # noqa: E402 - after the path is set
 SPEED_TILES = 16
 REPEATS = 5
 
@@ -140,11 +143,54 @@ def domain_lines(model, domain: str, n_cases: int, n_calibration: int) -> list[d
                 f"dice_{kind}": round(dice[kind], 4), "tile_ms_fp32": round(1000 * seconds["f32"] / len(tiles), 1),
                 f"tile_ms_{kind}": round(1000 * seconds[kind] / len(tiles), 1)}
         if kind == "int8":
-            line["accepted"] = bool(drop <= MAX_DICE_DROP and speedup >= 1.0)
+            line["accepted"] = bool(drop <= q.MAX_DICE_DROP and speedup >= 1.0)
             line["calibration_tiles"] = len(patches)
             line["quantize_s"] = round(quantize_s, 1)
         lines.append(line)
     return lines
+
+
+def real_lines(model, domain: str) -> list[dict]:
+    """A domain without synthetic cases (``abdomen-ct``) as a user quantises it:
+    ``prepare_domain(precision="int8")`` calibrated on patient A's CT and checked on patient B's
+    (held out, with its labels), in a cache folder of its own. The figures are the check's: Dice of
+    the whole scan on the network's grid, each class's usual components kept."""
+    import os
+    import tempfile
+
+    from bench_real import ORGANS, REAL, SCANS, load
+
+    from training.infer.prepare import prepare_domain
+    from training.io.volume import Volume
+
+    if not REAL.is_dir():
+        _log(f"{domain}: skipped: no real data ({REAL})")
+        return []
+    scans = {s.name: s for s in SCANS}
+    image_a, _ = load(scans["ct_patient_a"])
+    image_b, labels_b = load(scans["ct_patient_b"])
+    truth = np.zeros(labels_b.shape, np.uint8)
+    for value, name in enumerate(model.meta(domain).class_names[1:], start=1):
+        organ = ORGANS.get(name.replace(" ", "_"))
+        if organ is not None:
+            truth[labels_b == organ] = value
+    old = os.environ.get("U2NET_HOME")
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["U2NET_HOME"] = home
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                done = prepare_domain(model, domain, precision="int8", calibration=[image_a, image_b],
+                                      truth=Volume(truth[None], image_b.affine, source="ct_patient_b labels"))
+        finally:
+            if old is None:
+                os.environ.pop("U2NET_HOME", None)
+            else:
+                os.environ["U2NET_HOME"] = old
+    v = done.verdict
+    _log(f"{domain}: {v['why']} ({done.seconds:.0f} s)")
+    return [{"bench": "int8", "domain": domain, "scan": "ct_patient_b", "calibrated_on": "ct_patient_a",
+             "dice_fp32": v["dice_f32"], "dice_int8": v["dice_int8"], "dice_drop": v["drop"],
+             "speedup_vs_fp32": v["speedup"], "accepted": v["accepted"], "scope": "prepare's check"}]
 
 
 def main() -> int:
@@ -169,8 +215,13 @@ def main() -> int:
     model = load_model(bundled_model_dir())
     domains = args.domains.split(",") if args.domains else model.domains
     lines = []
+    from training.infer.prepare import _synthetic_domains
+
     for domain in domains:
-        lines.extend(domain_lines(model, domain, args.cases, args.calibration))
+        if domain in _synthetic_domains():
+            lines.extend(domain_lines(model, domain, args.cases, args.calibration))
+        else:
+            lines.extend(real_lines(model, domain))
     print(f"\n{'domain':<16} {'kind':<5} {'speedup':>8} {'Dice fp32':>10} {'drop':>8}  accepted")
     for line in lines:
         print(f"{line['domain']:<16} {line['bench']:<5} {line['speedup_vs_fp32']:>7.2f}× {line['dice_fp32']:>10.4f} "
