@@ -169,8 +169,12 @@ def test_a_result_that_cannot_be_what_the_domain_describes_is_reported(make_napa
     viewer.window.add_dock_widget(widget)
     viewer.open(str(tmp_path / "fmri.nii.gz"), plugin="napari-u2net")
     qtbot.waitUntil(lambda: widget.model is not None, timeout=60000)
-    assert "prostate-mr" not in widget.checked_domains()  # not pre-ticked: nothing surely fits
-    widget.set_checked_domains(["prostate-mr"])  # the user insists
+    # once its values are read (MR), the only MR domain for 2 volumes is ticked (domain_match's
+    # rule: it cannot know the scan is a brain); before, nothing is. Asserting "not ticked" without
+    # waiting raced with that reading and failed in 1 run of 3.
+    qtbot.waitUntil(lambda: widget.hint_jobs == 0, timeout=60000)
+    assert widget.checked_domains() == ["prostate-mr"]
+    widget.set_checked_domains(["prostate-mr"])  # the user keeps it
     widget.run()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=300000)
     assert "fmri prostate-mr" in viewer.layers
