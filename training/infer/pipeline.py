@@ -324,6 +324,9 @@ class _WayBack:
             return self.to_input(sink.result())
         probs = sink.result().numpy()
         dtype = label_dtype(probs.shape[0] - 1)
+        axes = _axis_map(self.grid_affine, self.affine_c)
+        if axes is not None:  # the usual case: separable, a slab of the input's rows at a time
+            return self.to_input(_labels_separable(probs, *axes, self.shape_c, dtype, cancel))
         return self.to_input(_argmax(self.channels(probs, cancel), self.shape_c, dtype))
 
     def values(self, array, cancel: CancelFlag, dtype=None) -> np.ndarray:
@@ -357,30 +360,63 @@ def _axis_map(grid_affine, affine_c):
     return np.diag(lin).copy(), m[:3, 3].copy()
 
 
+def _lerp_weights(scale: float, offset: float, n_in: int, n_out: int, start: int = 0):
+    """For output voxels ``start … start + n_out - 1`` along one axis: the two input voxels each
+    lies between and the weight of the second (positions clamped to the input: nearest-voxel
+    extrapolation, as :func:`training.io.resample.resample`)."""
+    pos = np.clip((np.arange(start, start + n_out) * scale + offset), 0, n_in - 1)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), max(n_in - 2, 0))
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy((pos - i0).astype(np.float32))
+
+
+def _lerp_along(t: torch.Tensor, axis: int, n_out: int, scale, offset, start: int = 0) -> torch.Tensor:
+    i0, i1, w = _lerp_weights(scale[axis], offset[axis], t.shape[axis], n_out, start)
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    return torch.lerp(t.index_select(axis, i0), t.index_select(axis, i1), w.reshape(shape))
+
+
 def _resample_separable(channel, scale, offset, out: np.ndarray, rows: int = 16) -> None:
     """Trilinear interpolation of ``channel`` (the network's grid) at the input grid's voxels into
     ``out`` (any float dtype), axis by axis, positions clamped to the grid (nearest-voxel
     extrapolation): the values :func:`training.io.resample.resample` gives, at a fraction of its
     time and memory (the last axis goes out ``rows`` slices at a time)."""
-
-    def weights(axis: int, n_out: int, n_in: int, start: int = 0):
-        pos = np.clip((np.arange(start, start + n_out) * scale[axis] + offset[axis]), 0, n_in - 1)
-        i0 = np.minimum(np.floor(pos).astype(np.int64), max(n_in - 2, 0))
-        i1 = np.minimum(i0 + 1, n_in - 1)
-        return torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy((pos - i0).astype(np.float32))
-
-    def along(t: torch.Tensor, axis: int, n_out: int, start: int = 0) -> torch.Tensor:
-        i0, i1, w = weights(axis, n_out, t.shape[axis], start)
-        shape = [1, 1, 1]
-        shape[axis] = -1
-        return torch.lerp(t.index_select(axis, i0), t.index_select(axis, i1), w.reshape(shape))
-
     t = torch.as_tensor(np.asarray(channel)).float()
-    t = along(along(t, 2, out.shape[2]), 1, out.shape[1])
+    t = _lerp_along(_lerp_along(t, 2, out.shape[2], scale, offset), 1, out.shape[1], scale, offset)
     target = torch.from_numpy(out)
     for z0 in range(0, out.shape[0], rows):
         n = min(rows, out.shape[0] - z0)
-        target[z0 : z0 + n] = along(t, 0, n, z0)
+        target[z0 : z0 + n] = _lerp_along(t, 0, n, scale, offset, z0)
+
+
+def _labels_separable(probs: np.ndarray, scale, offset, shape, dtype, cancel: CancelFlag,
+                      rows: int = 8) -> np.ndarray:
+    """The argmax of the class probabilities (K, Z, Y, X) on the network's grid, each resampled
+    as :func:`_resample_separable` does, on the input grid ``shape``: ``rows`` of its slices at a
+    time, so that only the few network slices they lie between are interpolated in-plane and no
+    full-size probability map is ever held (the per-class SimpleITK resampling it replaces took
+    3.3 of a 6.8 s CT-sized run). Ties go to the lower class, as :func:`numpy.argmax`."""
+    labels = np.empty(shape, dtype=dtype)
+    i0, i1, w = _lerp_weights(scale[0], offset[0], probs.shape[1], shape[0])
+    for z0 in range(0, shape[0], rows):
+        check_cancel(cancel)
+        n = min(rows, shape[0] - z0)
+        a, b, wz = i0[z0 : z0 + n], i1[z0 : z0 + n], w[z0 : z0 + n].reshape(-1, 1, 1)
+        g0, g1 = int(a.min()), int(b.max())
+        best, slab = None, torch.zeros((n, *shape[1:]), dtype=torch.int64)
+        for k in range(probs.shape[0]):
+            plane = torch.from_numpy(probs[k, g0 : g1 + 1]).float()
+            plane = _lerp_along(_lerp_along(plane, 2, shape[2], scale, offset), 1, shape[1], scale, offset)
+            p = torch.lerp(plane[a - g0], plane[b - g0], wz)
+            if best is None:
+                best = p
+            else:
+                better = p > best
+                slab[better] = k
+                torch.maximum(best, p, out=best)
+        labels[z0 : z0 + n] = slab.numpy()
+    return labels
 
 
 def _argmax(channels: Iterable[np.ndarray], shape, dtype) -> np.ndarray:
