@@ -138,7 +138,7 @@ def stages_worker(image: Path, out: Path, backend: str) -> dict:
 
     from training.data.normalization import normalize
     from training.infer.backends import make_runner
-    from training.infer.pipeline import _argmax, _WayBack
+    from training.infer.pipeline import _WayBack
     from training.infer.postprocess import keep_largest_components
     from training.infer.sliding_window import ProbabilitySink, sweep_slabs
     from training.io.resample import (
@@ -148,7 +148,7 @@ def stages_worker(image: Path, out: Path, backend: str) -> dict:
         resample,
         resampled_grid,
     )
-    from training.io.volume import label_dtype, read_image, write_labels
+    from training.io.volume import read_image, write_labels
 
     model = _model()
     meta = model.meta(DOMAIN)
@@ -177,11 +177,9 @@ def stages_worker(image: Path, out: Path, backend: str) -> dict:
     sweep_slabs(runner, DOMAIN, x, meta.patch_size, [sink], overlap=OVERLAP, batch_size=1)
     lap("network")
     back = _WayBack(orient, affine_c, shape_c, grid_affine)
-    channels = list(back.channels(sink.result().numpy(), None))
+    labels = back.labels(sink, None)  # as the pipeline: resampled and argmaxed together, slab by slab
     lap("resample_back")
-    labels = back.to_input(_argmax(channels, shape_c, label_dtype(meta.num_classes - 1)))
-    del channels
-    lap("argmax")
+    lap("argmax")  # in the previous stage
     keep_largest_components(labels, meta.kept_components)
     lap("postprocess")
     write_labels(out, labels, volume.affine, like=volume)
