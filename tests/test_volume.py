@@ -194,3 +194,20 @@ def test_zscore_does_not_overflow_on_a_scaled_image():
     with np.errstate(over="raise"):
         scaled = normalize(x * np.float32(1e20), [{"scheme": "zscore"}])
     np.testing.assert_allclose(scaled, ref, atol=1e-4)
+
+
+def test_written_nifti_holds_the_array_on_nifti_axes(tmp_path):
+    """3D and 4D arrays (ours: (C,) D0, D1, D2) land in the file on NIfTI's reversed axes, value
+    for value, and read back as they were written."""
+    import nibabel as nib
+
+    from training.io.volume import read_nifti, write_nifti
+
+    rng = np.random.default_rng(0)
+    for shape in [(5, 7, 9), (2, 5, 7, 9)]:
+        data = rng.integers(0, 200, shape).astype(np.int16)
+        path = write_nifti(tmp_path / f"a{len(shape)}.nii.gz", data, np.diag([0.5, 0.7, 0.9, 1.0]))
+        on_disk = np.asanyarray(nib.load(str(path)).dataobj)
+        np.testing.assert_array_equal(on_disk, data.T if data.ndim == 3 else np.transpose(data, (3, 2, 1, 0)))
+        back = read_nifti(path).data
+        np.testing.assert_array_equal(back, data if data.ndim == 4 else data[None])
