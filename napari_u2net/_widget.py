@@ -283,6 +283,7 @@ class DomainSelectorWidget(QWidget):
         g.window_combo.activated.connect(lambda _i: self._apply_window())
         g.domain_list.itemChanged.connect(lambda _item: self._on_ticks_changed())
         g.backend_combo.currentIndexChanged.connect(lambda _i: self._schedule_prepare())
+        g.precision_combo.currentIndexChanged.connect(lambda _i: self._schedule_prepare())
         g.device_combo.currentIndexChanged.connect(lambda _i: self._schedule_prepare())
         self.share = DomainShare(self)  # Card… / Export… / Import… (.u2d files)
 
@@ -486,10 +487,16 @@ class DomainSelectorWidget(QWidget):
     def _set_devices(self, available: dict) -> None:
         self.warmed_up = True  # devices probed and run-time imports done (benchmarks wait for it)
         try:
-            from training.infer.backends import unavailable_backends
+            from training.infer.backends import bf16_supported, unavailable_backends
 
-            for name, reason in unavailable_backends().items():  # torch is imported by now
+            missing = unavailable_backends()
+            for name, reason in missing.items():  # torch is imported by now
                 grey_backend(self.gui.backend_combo, name, reason)
+            if "openvino" in missing:
+                for name in ("bf16", "int8"):
+                    grey_backend(self.gui.precision_combo, name, missing["openvino"])
+            elif not bf16_supported():
+                grey_backend(self.gui.precision_combo, "bf16", "this CPU has no bf16 units")
         except Exception as e:  # noqa: BLE001 - no torch? The run says what is missing
             log.warning("backend probe failed: %s", e)
         self._schedule_prepare()
@@ -821,6 +828,7 @@ class DomainSelectorWidget(QWidget):
             batch_size=int(g.batch_spin.value()) or None,
             postprocess=g.postprocess_check.isChecked(),
             backend=g.backend_combo.currentData(),
+            precision=g.precision_combo.currentData(),
             amp=g.amp_check.isChecked(),
             # the probabilities give the expected volumes and intervals; only the measurements keep them
             uncertainty=g.uncertainty_check.isChecked(),

@@ -69,3 +69,41 @@ def test_a_run_while_preparing_is_eager_and_the_next_one_on_openvino(make_napari
     assert "on openvino (auto: fastest here)" in g.status_label.text()
     assert (viewer.layers["scan ct"].data == eager).mean() > 0.999
     backends.OPENVINO_CACHE.clear()
+
+
+@pytest.mark.skipif(not backends.openvino_available(), reason="openvino is not installed")
+def test_precision_control_runs_what_it_says_or_says_why_not(make_napari_viewer, qtbot, tmp_path, monkeypatch,
+                                                              messages):
+    """The panel's Precision: auto by default (f32 with nothing prepared); INT8 with nothing
+    prepared is refused in one line that names the command to run, and no layer is added;
+    bf16 runs on OpenVINO where the CPU has bf16 units and is greyed out where it has none."""
+    from training.infer.config import PRECISIONS
+
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("U2NET_PREPARE", "0")
+    backends.OPENVINO_CACHE.clear()
+    net = small_net()
+    metas = {n: adapter_meta(net, n, spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 16]) for n in net.domains}
+    save_model(tmp_path / "model", net, metas, provenance={"made_by": "test"})
+    viewer = make_napari_viewer()
+    viewer.add_image(blob_image((24, 24, 24)), name="scan")
+    widget = make_widget(viewer, qtbot, tmp_path / "model", None)  # the real inference
+    qtbot.waitUntil(lambda: widget.warmed_up, timeout=30000)
+    combo = widget.gui.precision_combo
+    assert [combo.itemData(i) for i in range(combo.count())] == list(PRECISIONS)
+    assert combo.currentData() == "auto" and "INT8" in combo.itemData(0, Qt.ToolTipRole)
+    bf16 = combo.model().item(combo.findData("bf16"))
+    assert bf16.isEnabled() == backends.bf16_supported()
+
+    combo.setCurrentIndex(combo.findData("int8"))
+    run_and_wait(widget, qtbot, timeout=60000)
+    assert "scan ct" not in viewer.layers
+    errors = [text for level, text in messages if level == "error"]
+    assert any("u2net prepare --precision int8 --domain ct" in e for e in errors), messages
+
+    if backends.bf16_supported():
+        combo.setCurrentIndex(combo.findData("bf16"))
+        run_and_wait(widget, qtbot, timeout=60000)
+        assert "on openvino (auto: precision bf16 asked for)" in widget.gui.status_label.text()
+        assert "scan ct" in viewer.layers
+    backends.OPENVINO_CACHE.clear()
