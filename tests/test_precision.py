@@ -19,6 +19,7 @@ from training.io.volume import read_image
 from training.model.modelfile import load_model, save_model
 
 from .conftest import adapter_meta, small_net
+from .test_atomic import needs_root, small_mount  # noqa: F401 - small_mount is a fixture
 
 PATCH = (16, 16, 16)
 CPU = torch.device("cpu")
@@ -210,3 +211,26 @@ def test_int8_of_a_shipped_domain_is_judged_on_its_synthetic_cases(home, capsys)
     backends.OPENVINO_CACHE.clear()
     choice = backends.choose("auto", CPU, model.net, "spleen-ct", meta.patch_size)
     assert choice.precision == ("int8" if verdict["accepted"] else "f32")
+
+
+@needs_root
+def test_a_full_cache_keeps_int8_for_this_process_only(model_dir, scan, small_mount, monkeypatch, caplog):  # noqa: F811
+    """U2NET_HOME on a full 64 kB file system: INT8 is made and checked; this process runs it from
+    memory; nothing half-written is left, and another process (the in-memory cache cleared) finds
+    no INT8 to run: a verdict without its graph vouches for nothing."""
+    home = small_mount("rw")
+    monkeypatch.setenv("U2NET_HOME", str(home))
+    backends.OPENVINO_CACHE.clear()
+    model = load_model(model_dir)
+    with caplog.at_level("WARNING"):
+        done = _prepare(model, scan, max_drop=1.0, min_speedup=0.0)
+    assert done.verdict["accepted"] and "could not cache" in caplog.text
+    assert backends.choose("auto", CPU, model.net, "ct", PATCH).precision == "int8"  # from memory
+    for f in home.rglob("*"):  # every file there is whole: sealed by its sidecar
+        if f.is_file() and not f.name.endswith(".sha256"):
+            assert backends._intact(f), f
+    backends.OPENVINO_CACHE.clear()
+    assert backends.choose("auto", CPU, model.net, "ct", PATCH).precision == "f32"
+    with pytest.raises(InputError, match="no INT8 graph of domain 'ct' is prepared"):
+        backends.choose("auto", CPU, model.net, "ct", PATCH, precision="int8")
+    backends.OPENVINO_CACHE.clear()
