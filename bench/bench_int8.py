@@ -215,10 +215,10 @@ def main() -> int:
     model = load_model(bundled_model_dir())
     domains = args.domains.split(",") if args.domains else model.domains
     lines = []
-    from training.infer.prepare import _synthetic_domains
+    from training.infer.prepare import has_synthetic_cases
 
     for domain in domains:
-        if domain in _synthetic_domains():
+        if has_synthetic_cases(domain):
             lines.extend(domain_lines(model, domain, args.cases, args.calibration))
         else:
             lines.extend(real_lines(model, domain))

@@ -174,6 +174,15 @@ def test_what_cannot_run_is_refused_in_one_line(home, model_dir, scan, tmp_path,
     assert not (tmp_path / "l.nii.gz").exists()
 
 
+def test_int8_for_every_domain_skips_those_without_calibration_data(home, model_dir, capsys):
+    """`u2net prepare --precision int8` with no --domain does what it can and says, per domain it
+    cannot calibrate, the command that would (exit 1); naming such a domain is refused (exit 2)."""
+    assert main(["prepare", "--model", str(model_dir), "--precision", "int8"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{d}: skipped (no synthetic cases to calibrate INT8 on: `u2net prepare --precision int8 "
+                   f"--domain {d} --calibrate SCAN`)" for d in ("ct", "mr2")]
+
+
 def test_bf16_runs_where_the_cpu_has_bf16_units(home, model_dir, scan, tmp_path, capsys):
     out = tmp_path / "bf16.nii.gz"
     argv = ["predict", scan, "-o", str(out), "--domain", "ct", "--model", str(model_dir), "--quiet",

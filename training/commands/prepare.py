@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from training.errors import InputError
     from training.infer.backends import openvino_dir
-    from training.infer.prepare import prepare_domain
+    from training.infer.prepare import has_synthetic_cases, prepare_domain
     from training.model.modelfile import load_model
     from training.model.registry import resolve_model
 
@@ -52,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(resolve_model(args.model), domains=domains)
     refused = 0
     for d in domains or model.domains:
+        if args.precision == "int8" and not calibration and not domains and not has_synthetic_cases(d):
+            refused += 1  # all domains asked for: do the others, say what this one needs
+            print(f"{d}: skipped (no synthetic cases to calibrate INT8 on: `u2net prepare --precision int8 "
+                  f"--domain {d} --calibrate SCAN`)", flush=True)
+            continue
         done = prepare_domain(model, d, args.batch_size, precision=args.precision, calibration=calibration, truth=truth,
                               progress=lambda stage, d=d: print(f"{d}: {stage}…", flush=True))
         state = "was ready" if done.was_ready else "ready"

@@ -153,7 +153,7 @@ def _prepare_int8(model, domain: str, patch, batch: int, weights: str, progress,
                                lambda: compile_openvino(model.net, domain, meta.in_channels, patch, batch, weights,
                                                         progress=progress, precision="int8"))
         return Prepared(domain, "openvino", time.perf_counter() - start, True, "int8", verdict)
-    if not calibration and domain not in _synthetic_domains():
+    if not calibration and not has_synthetic_cases(domain):
         raise InputError(f"domain {domain!r} has no synthetic cases to calibrate INT8 on: give scans of the kind it "
                          "segments (--calibrate FILE)")
     fp32_compiled = OPENVINO_CACHE.get(
@@ -194,11 +194,13 @@ def _prepare_int8(model, domain: str, patch, batch: int, weights: str, progress,
     return Prepared(domain, "openvino", time.perf_counter() - start, False, "int8", verdict)
 
 
-def _synthetic_domains() -> set[str]:
+def has_synthetic_cases(domain: str) -> bool:
+    """The domain's calibration and check cases can be generated (the synthetic generator's
+    domains, MNI152); any other needs the user's scans."""
     from training.data.mni152 import DOMAIN as BRAIN
     from training.data.synth import SYNTH_DOMAINS
 
-    return {*SYNTH_DOMAINS, BRAIN}
+    return domain in {*SYNTH_DOMAINS, BRAIN}
 
 
 def _verdict(result, scans: list, n_calibration: int) -> dict:
