@@ -404,18 +404,13 @@ def _labels_separable(probs: np.ndarray, scale, offset, shape, dtype, cancel: Ca
         n = min(rows, shape[0] - z0)
         a, b, wz = i0[z0 : z0 + n], i1[z0 : z0 + n], w[z0 : z0 + n].reshape(-1, 1, 1)
         g0, g1 = int(a.min()), int(b.max())
-        best, slab = None, torch.zeros((n, *shape[1:]), dtype=torch.int64)
-        for k in range(probs.shape[0]):
+
+        def class_slab(k: int, a=a, b=b, wz=wz, g0=g0, g1=g1) -> np.ndarray:
             plane = torch.from_numpy(probs[k, g0 : g1 + 1]).float()
             plane = _lerp_along(_lerp_along(plane, 2, shape[2], scale, offset), 1, shape[1], scale, offset)
-            p = torch.lerp(plane[a - g0], plane[b - g0], wz)
-            if best is None:
-                best = p
-            else:
-                better = p > best
-                slab[better] = k
-                torch.maximum(best, p, out=best)
-        labels[z0 : z0 + n] = slab.numpy()
+            return torch.lerp(plane[a - g0], plane[b - g0], wz).numpy()
+
+        labels[z0 : z0 + n] = _argmax(map(class_slab, range(probs.shape[0])), (n, *shape[1:]), dtype)
     return labels
 
 
