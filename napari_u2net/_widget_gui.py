@@ -48,17 +48,25 @@ BACKEND_TIPS = {
 }
 
 
+def choice_combo(names, labels: dict, tips: dict, default: str, tooltip: str) -> QComboBox:
+    """One item per name (its label shown, its tip on hover, the name as its data), ``default``
+    selected."""
+    combo = QComboBox()
+    for name in names:
+        combo.addItem(labels.get(name, name), name)
+        combo.setItemData(combo.count() - 1, tips.get(name, name), Qt.ToolTipRole)
+    combo.setCurrentIndex(max(combo.findData(default), 0))
+    combo.setToolTip(tooltip)
+    return combo
+
+
 def backend_combo() -> QComboBox:
     """Every backend of :data:`training.infer.config.BACKENDS`, the core's default selected."""
-    combo = QComboBox()
-    for name in BACKENDS:
-        combo.addItem(BACKEND_LABELS.get(name, name), name)
-        combo.setItemData(combo.count() - 1, BACKEND_TIPS.get(name, name), Qt.ToolTipRole)
-        package = BACKEND_PACKAGES.get(name)
-        if package is not None and importlib.util.find_spec(package[0]) is None:
-            grey_backend(combo, name, f"needs {package[0]}: {package[1]}")
-    combo.setCurrentIndex(max(combo.findData(InferenceConfig.backend), 0))
-    combo.setToolTip("What runs the network; greyed out: not available here (hover for why)")
+    combo = choice_combo(BACKENDS, BACKEND_LABELS, BACKEND_TIPS, InferenceConfig.backend,
+                         "What runs the network; greyed out: not available here (hover for why)")
+    for name, (package, hint) in BACKEND_PACKAGES.items():
+        if importlib.util.find_spec(package) is None:
+            grey_backend(combo, name, f"needs {package}: {hint}")
     return combo
 
 
@@ -77,13 +85,8 @@ PRECISION_TIPS = {
 
 def precision_combo() -> QComboBox:
     """Every precision of :data:`training.infer.config.PRECISIONS`, the core's default selected."""
-    combo = QComboBox()
-    for name in PRECISIONS:
-        combo.addItem(PRECISION_LABELS.get(name, name), name)
-        combo.setItemData(combo.count() - 1, PRECISION_TIPS.get(name, name), Qt.ToolTipRole)
-    combo.setCurrentIndex(max(combo.findData(InferenceConfig.precision), 0))
-    combo.setToolTip("The number format OpenVINO runs in on a CPU; greyed out: not available here (hover for why)")
-    return combo
+    return choice_combo(PRECISIONS, PRECISION_LABELS, PRECISION_TIPS, InferenceConfig.precision,
+                        "The number format OpenVINO runs in on a CPU; greyed out: not available here (hover for why)")
 
 
 def grey_backend(combo: QComboBox, name: str, reason: str) -> None:
