@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import locale
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,8 @@ from training.model.modelfile import AdapterMeta, make_classes, save_model
 from training.model.network import ArchConfig, DomainConfig, U2Net
 
 SMALL_ARCH = ArchConfig(base_channels=4, levels=3, max_channels=16)
+SMALL_PATCH = (16, 16, 16)  # the patch of small_model_dir's domains
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="mounts need root on Linux")
 
 
 def small_net(seed: int = 0, domains=(("ct", 1, 2), ("mr2", 2, 3))) -> U2Net:
@@ -54,6 +60,48 @@ def model_dir(tmp_path):
     metas = {n: adapter_meta(net, n) for n in net.domains}
     save_model(tmp_path / "model", net, metas, provenance={"made_by": "test"})
     return tmp_path / "model"
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    """A small random two-domain model of 1 mm voxels and :data:`SMALL_PATCH` patches, one per module."""
+    folder = tmp_path_factory.mktemp("small") / "model"
+    net = small_net()
+    metas = {n: adapter_meta(net, n, spacing=[1.0, 1.0, 1.0], patch_size=list(SMALL_PATCH)) for n in net.domains}
+    save_model(folder, net, metas, provenance={"made_by": "test"})
+    return folder
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty cache of compiled graphs of its own (not the session's), and no graph in memory."""
+    from training.infer import backends
+
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path / "home"))
+    backends.OPENVINO_CACHE.clear()
+    backends.COMPILED_CACHE.clear()
+    yield tmp_path / "home"
+    backends.OPENVINO_CACHE.clear()
+    backends.COMPILED_CACHE.clear()
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A 64 kB tmpfs at tmp_path/fs (mount options per test), unmounted afterwards (root only:
+    mark the test :data:`needs_root`)."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        where = tmp_path / "fs"
+        where.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64k,{options}", "tmpfs", str(where)], check=True)
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        # lazy: a failed write's file object may still be referenced by the test's traceback
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @pytest.fixture

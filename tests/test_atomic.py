@@ -3,7 +3,6 @@ system (small tmpfs mounts, as root), and two processes racing for one output.""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,8 +16,9 @@ from training.errors import InputError
 from training.io.atomic import atomic_write_bytes, check_writable, remove_stale_temporaries
 from training.io.volume import write_labels
 
+from .conftest import needs_root
+
 ROOT = Path(__file__).resolve().parent.parent
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="mounts need root on Linux")
 
 
 def _child(code: str) -> subprocess.Popen:
@@ -127,24 +127,6 @@ def test_two_processes_racing_for_one_output_never_both_succeed(tmp_path):
     winner = 1 + outs.index("written")
     assert np.all(np.asarray(nib.load(str(target)).dataobj) == winner)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "labels.nii.gz"]
-
-
-@pytest.fixture
-def small_mount(tmp_path):
-    """A 64 kB tmpfs at tmp_path/fs (mount options per test), unmounted afterwards."""
-    mounted = []
-
-    def mount(options: str) -> Path:
-        where = tmp_path / "fs"
-        where.mkdir(exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64k,{options}", "tmpfs", str(where)], check=True)
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        # lazy: a failed write's file object may still be referenced by the test's traceback
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @needs_root

@@ -15,33 +15,13 @@ from training.errors import InputError
 from training.infer import backends
 from training.infer.config import BACKENDS, InferenceConfig
 from training.infer.prepare import PAYS_OFF_TILES, needs_preparing, prepare_domain
-from training.model.modelfile import load_model, save_model
+from training.model.modelfile import load_model
 
-from .conftest import adapter_meta, small_net
+from .conftest import SMALL_PATCH, small_net
 
-PATCH = (16, 16, 16)
+PATCH = SMALL_PATCH
 CPU = torch.device("cpu")
 needs_openvino = pytest.mark.skipif(not backends.openvino_available(), reason="openvino is not installed")
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """An empty cache of compiled graphs of its own (not the session's), and no graph in memory."""
-    monkeypatch.setenv("U2NET_HOME", str(tmp_path / "home"))
-    backends.OPENVINO_CACHE.clear()
-    backends.COMPILED_CACHE.clear()
-    yield tmp_path / "home"
-    backends.OPENVINO_CACHE.clear()
-    backends.COMPILED_CACHE.clear()
-
-
-@pytest.fixture(scope="module")
-def small_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("auto") / "model"
-    net = small_net()
-    metas = {n: adapter_meta(net, n, spacing=[1.0, 1.0, 1.0], patch_size=list(PATCH)) for n in net.domains}
-    save_model(folder, net, metas, provenance={"made_by": "test"})
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -38,21 +38,28 @@ def test_backend_combo_defaults_to_auto_and_greys_what_is_missing(make_napari_vi
     assert not widget.prepares_fast_path  # a stand-in predict runs no backend: nothing to prepare
 
 
-@pytest.mark.skipif(not backends.openvino_available(), reason="openvino is not installed")
-def test_a_run_while_preparing_is_eager_and_the_next_one_on_openvino(make_napari_viewer, qtbot, tmp_path,
-                                                                      monkeypatch):
-    """Real inference with a small model: ticking a domain starts its preparation in the
-    background (``u2net prepare`` in its own process); a run started meanwhile does not wait and
-    runs eager PyTorch; once prepared, the next run is on OpenVINO, with the same labels."""
+def real_widget(make_napari_viewer, qtbot, tmp_path, monkeypatch, prepare: bool):
+    """A shown viewer with a 24³ scan and the domain selector running the real inference with a
+    small model saved in ``tmp_path``, an empty cache of fast paths of its own, and the background
+    preparation on or off."""
     monkeypatch.setenv("U2NET_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("U2NET_PREPARE", "1")
+    monkeypatch.setenv("U2NET_PREPARE", "1" if prepare else "0")
     backends.OPENVINO_CACHE.clear()
     net = small_net()
     metas = {n: adapter_meta(net, n, spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 16]) for n in net.domains}
     save_model(tmp_path / "model", net, metas, provenance={"made_by": "test"})
     viewer = make_napari_viewer()
     viewer.add_image(blob_image((24, 24, 24)), name="scan")
-    widget = make_widget(viewer, qtbot, tmp_path / "model", None)  # None: the real inference
+    return viewer, make_widget(viewer, qtbot, tmp_path / "model", None)  # None: the real inference
+
+
+@pytest.mark.skipif(not backends.openvino_available(), reason="openvino is not installed")
+def test_a_run_while_preparing_is_eager_and_the_next_one_on_openvino(make_napari_viewer, qtbot, tmp_path,
+                                                                      monkeypatch):
+    """Real inference with a small model: ticking a domain starts its preparation in the
+    background (``u2net prepare`` in its own process); a run started meanwhile does not wait and
+    runs eager PyTorch; once prepared, the next run is on OpenVINO, with the same labels."""
+    viewer, widget = real_widget(make_napari_viewer, qtbot, tmp_path, monkeypatch, prepare=True)
     g = widget.gui
     qtbot.waitUntil(lambda: widget.prep_worker is not None, timeout=30000)  # once the ticks settled
     qtbot.waitUntil(lambda: "Preparing the fast path for ct, once" in g.fast_label.text(), timeout=30000)
@@ -79,15 +86,7 @@ def test_precision_control_runs_what_it_says_or_says_why_not(make_napari_viewer,
     bf16 runs on OpenVINO where the CPU has bf16 units and is greyed out where it has none."""
     from training.infer.config import PRECISIONS
 
-    monkeypatch.setenv("U2NET_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("U2NET_PREPARE", "0")
-    backends.OPENVINO_CACHE.clear()
-    net = small_net()
-    metas = {n: adapter_meta(net, n, spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 16]) for n in net.domains}
-    save_model(tmp_path / "model", net, metas, provenance={"made_by": "test"})
-    viewer = make_napari_viewer()
-    viewer.add_image(blob_image((24, 24, 24)), name="scan")
-    widget = make_widget(viewer, qtbot, tmp_path / "model", None)  # the real inference
+    viewer, widget = real_widget(make_napari_viewer, qtbot, tmp_path, monkeypatch, prepare=False)
     qtbot.waitUntil(lambda: widget.warmed_up, timeout=30000)
     combo = widget.gui.precision_combo
     assert [combo.itemData(i) for i in range(combo.count())] == list(PRECISIONS)

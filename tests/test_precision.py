@@ -16,32 +16,14 @@ from training.infer import backends
 from training.infer.prepare import prepare_domain
 from training.infer.quantize import MAX_DICE_DROP, nncf_available
 from training.io.volume import read_image
-from training.model.modelfile import load_model, save_model
+from training.model.modelfile import load_model
 
-from .conftest import adapter_meta, small_net
-from .test_atomic import needs_root, small_mount  # noqa: F401 - small_mount is a fixture
+from .conftest import SMALL_PATCH as PATCH
+from .conftest import needs_root
 
-PATCH = (16, 16, 16)
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not (backends.openvino_available() and nncf_available()),
                                 reason="OpenVINO and NNCF are not installed")
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("U2NET_HOME", str(tmp_path / "home"))
-    backends.OPENVINO_CACHE.clear()
-    yield tmp_path / "home"
-    backends.OPENVINO_CACHE.clear()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("precision") / "model"
-    net = small_net()
-    metas = {n: adapter_meta(net, n, spacing=[1.0, 1.0, 1.0], patch_size=list(PATCH)) for n in net.domains}
-    save_model(folder, net, metas, provenance={"made_by": "test"})
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +49,8 @@ def _int8_files(model):
     return backends.OpenVINOFiles(model.net, "ct", PATCH, 1, weights, "int8")
 
 
-def test_an_accepted_int8_graph_is_what_auto_runs(home, model_dir, scan, tmp_path, capsys):
-    model = load_model(model_dir)
+def test_an_accepted_int8_graph_is_what_auto_runs(home, small_model_dir, scan, tmp_path, capsys):
+    model = load_model(small_model_dir)
     assert backends.choose("auto", CPU, model.net, "ct", PATCH).precision == "f32"  # nothing prepared
     done = _prepare(model, scan, max_drop=1.0, min_speedup=0.0)
     verdict = done.verdict
@@ -91,14 +73,14 @@ def test_an_accepted_int8_graph_is_what_auto_runs(home, model_dir, scan, tmp_pat
     assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.9
 
     out = tmp_path / "labels.nii.gz"
-    assert main(["predict", scan, "-o", str(out), "--domain", "ct", "--model", str(model_dir), "--quiet"]) == 0
+    assert main(["predict", scan, "-o", str(out), "--domain", "ct", "--model", str(small_model_dir), "--quiet"]) == 0
     assert capsys.readouterr().out.startswith("backend: openvino (auto: fastest here, INT8 (accepted by its check))")
-    assert main(["prepare", "--model", str(model_dir), "--domain", "ct", "--precision", "int8"]) == 0
+    assert main(["prepare", "--model", str(small_model_dir), "--domain", "ct", "--precision", "int8"]) == 0
     assert "ct: INT8 accepted (labels agree" in capsys.readouterr().out  # the verdict on disk, reported
 
 
-def test_a_refused_int8_graph_is_never_run(home, model_dir, scan, tmp_path, capsys):
-    model = load_model(model_dir)
+def test_a_refused_int8_graph_is_never_run(home, small_model_dir, scan, tmp_path, capsys):
+    model = load_model(small_model_dir)
     done = _prepare(model, scan, max_drop=-0.01)  # no graph can do that well
     assert not done.verdict["accepted"] and "more than -0.01" in done.verdict["why"]
     files = _int8_files(model)
@@ -109,22 +91,22 @@ def test_a_refused_int8_graph_is_never_run(home, model_dir, scan, tmp_path, caps
     with pytest.raises(InputError, match="INT8 was refused for domain 'ct'"):
         backends.make_runner(model.net, "ct", "auto", CPU, patch_size=PATCH, precision="int8")
 
-    args = [scan, "-o", str(tmp_path / "l.nii.gz"), "--domain", "ct", "--model", str(model_dir), "--quiet"]
+    args = [scan, "-o", str(tmp_path / "l.nii.gz"), "--domain", "ct", "--model", str(small_model_dir), "--quiet"]
     capsys.readouterr()  # NNCF's progress bars
     assert main(["predict", *args, "--precision", "int8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "INT8 was refused" in err and "--precision f32" in err
     assert not (tmp_path / "l.nii.gz").exists()
-    assert main(["prepare", "--model", str(model_dir), "--domain", "ct", "--precision", "int8"]) == 1
+    assert main(["prepare", "--model", str(small_model_dir), "--domain", "ct", "--precision", "int8"]) == 1
     assert "ct: INT8 refused (labels agree" in capsys.readouterr().out
     assert not files.ir.exists()
 
 
-def test_the_check_scores_against_labels_given_with_the_scan(home, model_dir, scan, capsys):
+def test_the_check_scores_against_labels_given_with_the_scan(home, small_model_dir, scan, capsys):
     labels = scan.replace("ball.nii.gz", "ball_labels.nii.gz")
-    rc = main(["prepare", "--model", str(model_dir), "--domain", "ct", "--precision", "int8",
+    rc = main(["prepare", "--model", str(small_model_dir), "--domain", "ct", "--precision", "int8",
                "--calibrate", scan, "--check-labels", labels])
-    model = load_model(model_dir)
+    model = load_model(small_model_dir)
     verdict = backends.read_verdict(_int8_files(model))
     assert verdict["reference"] == "truth" and verdict["checked_on"].endswith("against its labels")
     assert verdict["drop"] == pytest.approx(verdict["dice_f32"] - verdict["dice_int8"], abs=2e-5)
@@ -132,8 +114,8 @@ def test_the_check_scores_against_labels_given_with_the_scan(home, model_dir, sc
     assert f"Dice {verdict['dice_int8']:.4f} against f32's {verdict['dice_f32']:.4f}" in capsys.readouterr().out
 
 
-def test_a_damaged_verdict_discards_the_int8_graph(home, model_dir, scan):
-    model = load_model(model_dir)
+def test_a_damaged_verdict_discards_the_int8_graph(home, small_model_dir, scan):
+    model = load_model(small_model_dir)
     _prepare(model, scan, max_drop=1.0, min_speedup=0.0)
     files = _int8_files(model)
     text = files.verdict.read_text()
@@ -148,23 +130,23 @@ def test_a_damaged_verdict_discards_the_int8_graph(home, model_dir, scan):
     assert not files.ready()
 
 
-def test_what_cannot_run_is_refused_in_one_line(home, model_dir, scan, tmp_path, capsys):
+def test_what_cannot_run_is_refused_in_one_line(home, small_model_dir, scan, tmp_path, capsys):
     out = str(tmp_path / "l.nii.gz")
-    common = ["--domain", "ct", "--model", str(model_dir), "--quiet"]
+    common = ["--domain", "ct", "--model", str(small_model_dir), "--quiet"]
     cases = [
         (["predict", scan, "-o", out, *common, "--precision", "int8", "--backend", "torch"],
          "precision int8 runs on the OpenVINO backend only"),
         (["predict", scan, "-o", out, *common, "--precision", "int8"], "u2net prepare --precision int8 --domain ct"),
-        (["prepare", "--model", str(model_dir), "--domain", "ct", "--precision", "int8"],
+        (["prepare", "--model", str(small_model_dir), "--domain", "ct", "--precision", "int8"],
          "has no synthetic cases to calibrate INT8 on"),
-        (["prepare", "--model", str(model_dir), "--calibrate", scan], "--calibrate is for --precision int8"),
-        (["prepare", "--model", str(model_dir), "--domain", "ct", "--precision", "int8",
+        (["prepare", "--model", str(small_model_dir), "--calibrate", scan], "--calibrate is for --precision int8"),
+        (["prepare", "--model", str(small_model_dir), "--domain", "ct", "--precision", "int8",
           "--calibrate", str(tmp_path / "missing.nii.gz")], "missing.nii.gz"),
-        (["prepare", "--model", str(model_dir), "--domain", "mr2", "--precision", "int8", "--calibrate", scan],
+        (["prepare", "--model", str(small_model_dir), "--domain", "mr2", "--precision", "int8", "--calibrate", scan],
          "1 channel(s), domain 'mr2' takes 2"),
-        (["prepare", "--model", str(model_dir), "--domain", "ct", "--precision", "int8", "--calibrate", scan,
+        (["prepare", "--model", str(small_model_dir), "--domain", "ct", "--precision", "int8", "--calibrate", scan,
           "--check-labels", scan.replace("ball.nii.gz", "ball_wrong.nii.gz")], "label values must be whole numbers 0…1"),
-        (["prepare", "--model", str(model_dir), "--domain", "ct", "--precision", "int8", "--check-labels", scan],
+        (["prepare", "--model", str(small_model_dir), "--domain", "ct", "--precision", "int8", "--check-labels", scan],
          "--check-labels labels the last --calibrate scan"),
     ]
     for argv, message in cases:
@@ -174,18 +156,18 @@ def test_what_cannot_run_is_refused_in_one_line(home, model_dir, scan, tmp_path,
     assert not (tmp_path / "l.nii.gz").exists()
 
 
-def test_int8_for_every_domain_skips_those_without_calibration_data(home, model_dir, capsys):
+def test_int8_for_every_domain_skips_those_without_calibration_data(home, small_model_dir, capsys):
     """`u2net prepare --precision int8` with no --domain does what it can and says, per domain it
     cannot calibrate, the command that would (exit 1); naming such a domain is refused (exit 2)."""
-    assert main(["prepare", "--model", str(model_dir), "--precision", "int8"]) == 1
+    assert main(["prepare", "--model", str(small_model_dir), "--precision", "int8"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out == [f"{d}: skipped (no synthetic cases to calibrate INT8 on: `u2net prepare --precision int8 "
                    f"--domain {d} --calibrate SCAN`)" for d in ("ct", "mr2")]
 
 
-def test_bf16_runs_where_the_cpu_has_bf16_units(home, model_dir, scan, tmp_path, capsys):
+def test_bf16_runs_where_the_cpu_has_bf16_units(home, small_model_dir, scan, tmp_path, capsys):
     out = tmp_path / "bf16.nii.gz"
-    argv = ["predict", scan, "-o", str(out), "--domain", "ct", "--model", str(model_dir), "--quiet",
+    argv = ["predict", scan, "-o", str(out), "--domain", "ct", "--model", str(small_model_dir), "--quiet",
             "--precision", "bf16"]
     if not backends.bf16_supported():
         assert main(argv) == 2 and "no bf16 units" in capsys.readouterr().err
@@ -195,7 +177,7 @@ def test_bf16_runs_where_the_cpu_has_bf16_units(home, model_dir, scan, tmp_path,
     assert capsys.readouterr().out.splitlines()[0].startswith("backend: openvino (auto: precision bf16 asked for")
     a, b = nib.load(out).get_fdata(), nib.load(tmp_path / "f32.nii.gz").get_fdata()
     assert (a == b).mean() > 0.95
-    model = load_model(model_dir)
+    model = load_model(small_model_dir)
     runner = backends.make_runner(model.net, "ct", "openvino", CPU, patch_size=PATCH, precision="bf16")
     assert runner.precision == "bf16" and backends.OpenVINOFiles(model.net, "ct", PATCH, 1, None, "bf16").blob.exists()
 
@@ -223,14 +205,14 @@ def test_int8_of_a_shipped_domain_is_judged_on_its_synthetic_cases(home, capsys)
 
 
 @needs_root
-def test_a_full_cache_keeps_int8_for_this_process_only(model_dir, scan, small_mount, monkeypatch, caplog):  # noqa: F811
+def test_a_full_cache_keeps_int8_for_this_process_only(small_model_dir, scan, small_mount, monkeypatch, caplog):
     """U2NET_HOME on a full 64 kB file system: INT8 is made and checked; this process runs it from
     memory; nothing half-written is left, and another process (the in-memory cache cleared) finds
     no INT8 to run: a verdict without its graph vouches for nothing."""
     home = small_mount("rw")
     monkeypatch.setenv("U2NET_HOME", str(home))
     backends.OPENVINO_CACHE.clear()
-    model = load_model(model_dir)
+    model = load_model(small_model_dir)
     with caplog.at_level("WARNING"):
         done = _prepare(model, scan, max_drop=1.0, min_speedup=0.0)
     assert done.verdict["accepted"] and "could not cache" in caplog.text
