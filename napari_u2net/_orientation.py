@@ -67,7 +67,7 @@ def show_orientation_markers(viewer) -> bool:
 
     for edge, position in EDGES.items():
         overlays[KEY + edge] = TextOverlay(
-            text="", position=position, color=COLOR, font_size=14, visible=False,
+            text="", position=position, color=COLOR, font_size=14, visible=False, box=False,
         )
 
     def update(_event=None) -> None:
