@@ -199,7 +199,7 @@ def main() -> int:
     t0 = time.perf_counter()
     widget.threads = args.threads
     widget.run()
-    wait(lambda: widget.worker is None, args.timeout)
+    wait(lambda: widget.worker is None and not widget.turns.busy, args.timeout)  # the result is in and shown
     run_s = time.perf_counter() - t0
     backend = widget._run_backend
     if args.prepare:

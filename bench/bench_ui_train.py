@@ -181,7 +181,7 @@ def main() -> int:
         selector.gui.device_combo.setCurrentIndex(selector.gui.device_combo.findData("cpu"))
         wait(lambda: selector.gui.image_combo.currentText() == "unseen CT", 10)
         selector.run()
-        wait(lambda: selector.worker is None, 300)
+        wait(lambda: selector.worker is None and not selector.turns.busy, 300)
         if "unseen CT liver" in viewer.layers:
             pred = viewer.layers["unseen CT liver"].data > 0
             gt = unseen_truth > 0

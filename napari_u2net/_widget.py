@@ -41,70 +41,15 @@ from ._panel import follow_layers
 from ._progress_bar import stage_words
 from ._segment import RunReport, RunRequest, check_case, layer_channels, run_segmentation
 from ._session import session_for
+from ._turns import Turns, insert_layer_steps
 from ._widget_gui import DomainSelectorGui, grey_backend
 
 log = logging.getLogger(__name__)
 PREVIOUS_SUFFIX = " (previous)"
 OOM_ADVICE = "choose the CPU device or a smaller tile overlap, close other programs, then run again"
-# napari's per-Labels-layer overlays (polygon tool, brush stroke): their vispy visuals are built
-# only once visible, and building them was about half of inserting a result layer.
-_DEFERRED_OVERLAYS = ("polygon", "brush_stroke")
-# Between the deferred steps: with 0 ms, Qt ran them straight after the insertion (and the new
-# layer's first draw) before serving other timers, so the steps and the insertion made one long
-# freeze (bench_ui.py's longest gap: median 118 ms before, 77-90 ms with this delay).
-_STEP_DELAY_MS = 30
-_MAP_DELAY_MS = 60  # after a result's insertion, its maps' insertions, one per event-loop turn
 # The fast path is prepared once the ticks have stayed put this long (not for every passing tick).
 PREPARE_DELAY_MS = 1500
 _PREPARE_POLL_MS = 100  # how often the GUI looks at the preparation's reports
-
-
-def insert_layer_smoothly(viewer, index: int, layer, select: bool = True) -> None:
-    """``viewer.layers.insert(index, layer)`` and select it, keeping each event-loop turn short.
-
-    Inserting a Labels layer held napari's GUI thread ≈ 90–140 ms on 2 cores: its vispy visual, its
-    layer controls, selecting it (which shows those controls) and its polygon/brush tool overlays.
-    Here the insertion runs without the tool overlays (napari builds an overlay's visual only once
-    it is visible) and without selecting the layer; the selection and each overlay follow, each
-    ``_STEP_DELAY_MS`` later, so input and painting get their turn in between. This uses napari internals
-    (``LayerList._activate_on_insert``, ``Layer._overlays``); a napari without them gets a plain
-    insertion.
-    """
-    layers = viewer.layers
-    overlays = getattr(layer, "_overlays", None)
-    hidden = []
-    try:
-        for key in _DEFERRED_OVERLAYS:
-            overlay = overlays[key] if overlays is not None and key in overlays else None
-            if overlay is not None and overlay.visible:
-                overlay.visible = False
-                hidden.append(overlay)
-    except Exception:  # noqa: BLE001 - an unknown napari: no deferral
-        hidden = []
-    defer_selection = isinstance(getattr(layers, "_activate_on_insert", None), bool)
-    if defer_selection:
-        layers._activate_on_insert = False
-    try:
-        layers.insert(index, layer)
-    finally:
-        if defer_selection:
-            layers._activate_on_insert = True
-
-    def select_it() -> None:
-        if layer in layers:
-            layers.selection.active = layer
-
-    steps = ([select_it] if defer_selection and select else []) + [
-        lambda o=o: setattr(o, "visible", True) for o in hidden
-    ]
-
-    def next_step() -> None:
-        steps.pop(0)()
-        if steps:
-            QTimer.singleShot(_STEP_DELAY_MS, next_step)
-
-    if steps:
-        QTimer.singleShot(_STEP_DELAY_MS, next_step)
 
 
 def _prepare_thread(model, model_dir, domains, config, stop, reports) -> None:
@@ -264,6 +209,7 @@ class DomainSelectorWidget(QWidget):
         self._prep_stop: threading.Event | None = None
         self._prep_pbar = None
         self._prepare_again = False
+        self.turns = Turns(self)  # result layers' insertion, a step per event-loop turn
         self._prepare_timer = QTimer(self)
         self._prepare_timer.setSingleShot(True)
         self._prepare_timer.timeout.connect(self._start_prepare)
@@ -905,15 +851,12 @@ class DomainSelectorWidget(QWidget):
 
     # -- results ------------------------------------------------------------------------------------
     def _add_results(self, image, layers: dict) -> None:
+        """Each domain's result goes in on an event-loop turn of its own (hidden: a short turn);
+        showing it, selecting it, its tool overlays and its maps follow, one per turn (:mod:`._turns`)."""
         added, empty, notes = [], [], []
-        delay = 0
         for domain, (labels, maps) in layers.items():
-            result = self._add_result(image, domain, labels)
-            added.append(result.name)
-            for m in maps:  # each in an event-loop turn of its own, under its result, not selected
-                delay += _MAP_DELAY_MS
-                QTimer.singleShot(delay, lambda m=m, r=result: self._add_map(m, below=r))
-                added.append(m.name)
+            self.turns.add(lambda d=domain, lab=labels, ms=maps: self._add_result_steps(image, d, lab, ms))
+            added += [f"{image.name} {domain}", *(m.name for m in maps)]
             if labels.metadata[META_KEY]["empty"]:
                 empty.append(domain)
             notes += [f"{domain}: {note}" for note in labels.metadata[META_KEY].get("notes", [])]
@@ -931,24 +874,31 @@ class DomainSelectorWidget(QWidget):
         for note in notes:  # what the core says the user should know (an image unlike the training data…)
             self._notify("warning", note)
 
-    def _add_map(self, layer, below=None):
-        """Insert a per-voxel map's Image layer (replacing the one of an earlier run), under the
-        result ``below`` and without selecting it: the result stays the layer the user edits.
-        Called in its own event-loop turn after the result's insertion: one layer's vispy visual
-        and controls per turn keep the window responsive (bench/bench_ui.py)."""
+    def _add_result_steps(self, image, domain: str, labels, maps) -> None:
+        """Insert a result now and queue the steps that finish it, then its maps' (under it, not
+        selected: the result stays the layer the user edits)."""
+        result, later = self._add_result(image, domain, labels)
+        self.turns.add(*later)
+        for m in maps:
+            self.turns.add(*self._map_steps(m, below=result))
+
+    def _map_steps(self, layer, below):
+        """The steps inserting a per-voxel map's Image layer under the result ``below`` (replacing
+        the map of an earlier run); nothing is inserted if the result has gone by then."""
         layers = self.viewer.layers
-        if below is not None and below not in layers:
-            return None  # the result went (removed, or the viewer closed) before its map came
-        index = layers.index(below) if below is not None else len(layers)
-        if layer.name in layers:
-            old = layers[layer.name]
-            index = layers.index(old)
-            layers.remove(old)
-        insert_layer_smoothly(self.viewer, index, layer, select=False)
-        return layer
+
+        def index() -> int | None:
+            if below not in layers:
+                return None  # removed, or the viewer closed, before its map came
+            if layer.name in layers:
+                layers.remove(layers[layer.name])
+            return layers.index(below)
+
+        return insert_layer_steps(self.viewer, index, layer, select=False)
 
     def _add_result(self, image, domain: str, layer):
-        """Insert one domain's Labels layer; an old result is replaced only if nobody edited it."""
+        """Insert one domain's Labels layer, hidden, and return it with the steps that finish the
+        job; an old result is replaced only if nobody edited it."""
         name = f"{image.name} {domain}"
         index = len(self.viewer.layers)
         if name in self.viewer.layers:
@@ -963,8 +913,9 @@ class DomainSelectorWidget(QWidget):
                 index += 1
                 self._notify("info", f"kept the edited layer {name!r} as {old.name!r} (hidden); the new result replaces it")
         layer.name = name
-        insert_layer_smoothly(self.viewer, index, layer)
-        return layer
+        insert, *later = insert_layer_steps(self.viewer, lambda: index, layer)
+        insert()
+        return layer, later
 
     # -- messages -----------------------------------------------------------------------------------
     def _notify(self, level: str, text: str) -> None:

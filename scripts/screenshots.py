@@ -60,7 +60,7 @@ def _segment(viewer, widget, domains: list[str]) -> None:
     _wait(lambda: widget.model is not None)
     widget.set_checked_domains(domains)
     widget.run()
-    _wait(lambda: widget.worker is None)
+    _wait(lambda: widget.worker is None and not widget.turns.busy)
 
 
 def _finish(viewer, name: str, settle_s: float = 1.0) -> Path:

@@ -64,7 +64,7 @@ def test_real_inference_through_the_widget(make_napari_viewer, qtbot, ct_model_d
     report = widget._on_report
     widget._on_report = lambda r: (report(r), shown.append(widget.gui.progress_bar.format()))
     widget.run()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=120000)
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.turns.busy, timeout=120000)
     assert any("segmenting" in t for t in shown) and shown[-1] == "done", shown
     assert not [t for t in shown if any(k in t for k in ("sliding-window", "preprocess", "postprocess"))], shown
     assert widget.gui.status_label.text().startswith("Done")
@@ -104,7 +104,7 @@ def test_bundled_model_segments_the_sample(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: widget.model is not None, timeout=60000)
     widget.set_checked_domains([domain])
     widget.run()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=300000)
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.turns.busy, timeout=300000)
     labels = viewer.layers[f"{image.name} {domain}"]
     np.testing.assert_array_equal(labels.affine.affine_matrix, image.affine.affine_matrix)
     assert dice(labels.data, truth.data) >= 0.8
@@ -176,7 +176,7 @@ def test_a_result_that_cannot_be_what_the_domain_describes_is_reported(make_napa
     assert widget.checked_domains() == ["prostate-mr"]
     widget.set_checked_domains(["prostate-mr"])  # the user keeps it
     widget.run()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=300000)
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.turns.busy, timeout=300000)
     assert "fmri prostate-mr" in viewer.layers
     warnings = [text for level, text in messages if level == "warning"]
     assert any("looks unlike what prostate-mr was trained on" in w for w in warnings), messages

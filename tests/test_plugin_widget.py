@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_u2net import _widget  # noqa: E402
+from napari_u2net import _turns, _widget  # noqa: E402
 from napari_u2net._widget import DomainSelectorWidget  # noqa: E402
 from training.errors import Cancelled  # noqa: E402
 from training.infer.result import DomainResult, Prediction  # noqa: E402
@@ -81,7 +81,7 @@ def make_widget(viewer, qtbot, model_dir, predict):
 
 def run_and_wait(widget, qtbot, timeout=30000):
     widget.run()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.turns.busy, timeout=timeout)
 
 
 def blob_image(shape=(12, 16, 20)):
@@ -125,13 +125,70 @@ def test_result_layer_tool_overlays_come_back_after_insertion(make_napari_viewer
     widget.set_checked_domains(["ct"])
     run_and_wait(widget, qtbot)
     labels = viewer.layers["scan ct"]
-    overlays = [labels._overlays[k] for k in _widget._DEFERRED_OVERLAYS]
+    overlays = [labels._overlays[k] for k in _turns.DEFERRED_OVERLAYS]
     qtbot.waitUntil(lambda: all(o.visible for o in overlays), timeout=5000)
     assert viewer.layers.selection.active is labels  # selected on a later turn, as napari would
     visuals = viewer.window._qt_viewer.canvas._layer_overlay_to_visual[labels]
     assert all(o in visuals for o in overlays)  # napari built their vispy visuals
     labels.mode = "polygon"
     assert labels._overlays["polygon"].enabled
+
+
+def test_turns_let_the_event_loop_tick_between_long_steps(qtbot):
+    """Each step starts a full delay after the previous one *returned*: a 10 ms heartbeat (user
+    input, painting) ticks between any two steps, however long each one is. With delays fixed up
+    front, steps that came due behind a long one ran back to back in one frozen turn."""
+    from qtpy.QtCore import QTimer
+
+    events: list[str] = []
+    turns = _turns.Turns(delay_ms=5)
+
+    def slow(i):
+        def step():
+            events.append(f"start{i}")
+            time.sleep(0.06)  # longer than the delay and than the heartbeat
+            events.append(f"end{i}")
+        return step
+
+    heartbeat = QTimer()
+    heartbeat.setInterval(10)
+    heartbeat.timeout.connect(lambda: events.append("tick"))
+    heartbeat.start()
+    turns.add(slow(0), slow(1))
+    turns.add(slow(2))  # added while busy: queued behind, not run alongside
+    assert turns.busy
+    qtbot.waitUntil(lambda: not turns.busy, timeout=5000)
+    heartbeat.stop()
+    order = [e for e in events if e != "tick"]
+    assert order == ["start0", "end0", "start1", "end1", "start2", "end2"]
+    for i in (0, 1):
+        between = events[events.index(f"end{i}"):events.index(f"start{i + 1}")]
+        assert "tick" in between, events
+
+
+def test_a_result_selected_or_removed_before_its_controls_are_built(make_napari_viewer, qtbot):
+    """A result goes in without its layer controls (a shorter freeze); a user who selects or
+    deletes it before the step that builds them gets them built, not napari's KeyError."""
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(blob_image(), name="scan")
+    controls = viewer.window._qt_viewer.controls
+    for action in ("select", "remove"):
+        layer = viewer.add_labels(np.zeros((12, 16, 20), np.uint8), name=f"result {action}", visible=True)
+        viewer.layers.remove(layer)
+        insert, build, shown, *rest = _turns.insert_layer_steps(viewer, lambda: len(viewer.layers), layer)
+        insert()
+        assert layer in viewer.layers and not layer.visible
+        assert layer not in controls.widgets  # deferred
+        if action == "select":  # the user clicks it in the layer list
+            viewer.layers.selection.active = layer
+            assert controls.currentWidget() is controls.widgets[layer]
+        else:  # the user deletes it
+            viewer.layers.remove(layer)
+            assert layer not in controls.widgets
+        for step in (build, shown, *rest):  # the later steps still do no harm
+            step()
+        assert layer.visible == (action == "select")
+    assert set(controls.widgets) == set(viewer.layers)
 
 
 def test_progress_bar_paints_later_not_inside_set_value(qtbot):
@@ -173,6 +230,40 @@ def test_several_domains_give_one_layer_each(make_napari_viewer, qtbot, model_di
     assert not messages
 
 
+def test_several_results_go_in_on_turns_of_their_own(make_napari_viewer, qtbot, tmp_path, messages):
+    """Two domains in one run: each result is inserted on an event-loop turn of its own (a 10 ms
+    heartbeat ticks in between), both end up shown, and the last one is the selected layer."""
+    from qtpy.QtCore import QTimer
+
+    from tests.conftest import adapter_meta, small_net
+    from training.model.modelfile import save_model
+
+    net = small_net(domains=(("heart", 1, 2), ("spleen", 1, 2)))
+    save_model(tmp_path / "m", net, {n: adapter_meta(net, n, modality="CT") for n in net.domains})
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.where(blob_image() > 50, 60.0, -1000.0), name="ct")
+    widget = DomainSelectorWidget(viewer, predict_fn=ThresholdPredict())
+    viewer.window.add_dock_widget(widget)
+    widget.set_model_dir(tmp_path / "m")
+    qtbot.waitUntil(lambda: widget.model is not None and widget.gui.domain_list.count() == 2, timeout=30000)
+    qtbot.waitUntil(lambda: widget.hint_jobs == 0, timeout=10000)
+    widget.set_checked_domains(["heart", "spleen"])
+    events: list[str] = []
+    viewer.layers.events.inserted.connect(lambda e: events.append(e.value.name))
+    heartbeat = QTimer()
+    heartbeat.setInterval(10)
+    heartbeat.timeout.connect(lambda: events.append("tick"))
+    heartbeat.start()
+    run_and_wait(widget, qtbot)
+    heartbeat.stop()
+    results = ["ct heart", "ct spleen"]
+    assert [e for e in events if e != "tick"] == results
+    assert "tick" in events[events.index(results[0]):events.index(results[1])]
+    assert all(viewer.layers[n].visible for n in results)
+    assert viewer.layers.selection.active is viewer.layers["ct spleen"]
+    assert not [m for m in messages if m[0] == "error"]
+
+
 def test_cancel_mid_run_adds_no_layer(make_napari_viewer, qtbot, model_dir, messages):
     viewer = make_napari_viewer()
     viewer.add_image(blob_image(), name="scan")
@@ -184,7 +275,7 @@ def test_cancel_mid_run_adds_no_layer(make_napari_viewer, qtbot, model_dir, mess
     assert widget.gui.cancel_button.isEnabled() and not widget.gui.run_button.isEnabled()
     t0 = time.perf_counter()
     widget.gui.cancel_button.click()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=10000)
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.turns.busy, timeout=10000)
     assert time.perf_counter() - t0 < 2.0
     assert len(viewer.layers) == n_layers
     assert messages and messages[-1][0] == "info" and "cancel" in messages[-1][1]
@@ -506,7 +597,7 @@ def test_a_newly_opened_or_selected_image_becomes_the_one_to_segment(make_napari
     viewer.layers.selection.active = viewer.layers["case 3"]
     assert combo.currentText() == "case 2"
     widget.cancel()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=10000)
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.turns.busy, timeout=10000)
     viewer.layers.selection.active = viewer.layers["case 4"]
     assert combo.currentText() == "case 4"
 
@@ -532,7 +623,7 @@ def test_status_line_follows_every_outcome(make_napari_viewer, qtbot, model_dir,
     widget.run()
     qtbot.waitUntil(lambda: widget.gui.progress_bar.value() > 0, timeout=10000)
     widget.cancel()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=10000)
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.turns.busy, timeout=10000)
     assert "cancel" in status.text()
     widget.predict_fn = ThresholdPredict(error=ValueError("boom in tile 3"))
     run_and_wait(widget, qtbot)
