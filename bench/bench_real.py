@@ -75,14 +75,11 @@ def emit(**line) -> None:
 
 def load(scan: Scan):
     """(image Volume, label array on the image's grid)."""
-    from training.io.resample import resample
+    from training.io.resample import labels_on
     from training.io.volume import read_image
 
     image, label = read_image(scan.image), read_image(scan.label)
-    lab = label.data[0]
-    if label.shape != image.shape or not np.allclose(label.affine, image.affine, atol=1e-3):
-        lab = resample(lab, label.affine, image.affine, image.shape, linear=False)
-    return image, np.asarray(lab).astype(np.int32)
+    return image, labels_on(label, image).astype(np.int32)
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -112,12 +112,12 @@ def heldout(model_dir: Path, root: Path) -> dict:
     """Dice on patient B (never trained on), labels brought onto the image's grid by the affines."""
     from training.infer.config import InferenceConfig
     from training.infer.pipeline import predict
-    from training.io.resample import resample
+    from training.io.resample import labels_on
     from training.io.volume import read_image
     from training.model.modelfile import load_model
 
     image, seg = read_image(root / HELDOUT[0]), read_image(root / HELDOUT[1])
-    truth = resample(seg.data[0], seg.affine, image.affine, image.shape, linear=False)
+    truth = labels_on(seg, image)
     pred = predict(load_model(model_dir), image, [DOMAIN], InferenceConfig(device="cpu"))[DOMAIN].labels
     per = {}
     for i, name in enumerate(CLASSES[1:], start=1):

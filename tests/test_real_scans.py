@@ -8,7 +8,7 @@ import pytest
 from training.infer.config import InferenceConfig
 from training.infer.pipeline import predict
 from training.io.folders import bundled_model_dir
-from training.io.resample import resample
+from training.io.resample import labels_on
 from training.io.volume import read_image
 from training.model.modelfile import load_model
 
@@ -46,7 +46,7 @@ def test_held_out_patient_b_dicom_series_is_segmented(model):
     label file stores the rows flipped, so it is brought onto the image's grid by the affines."""
     image = read_image(TS / "example_ct_dicom")
     seg = read_image(TS / "example_seg_dicom.nii.gz")
-    truth = resample(seg.data[0], seg.affine, image.affine, image.shape, linear=False)
+    truth = labels_on(seg, image)
     labels = predict(model, image, [DOMAIN], InferenceConfig(device="cpu", backend="torch"))[DOMAIN].labels
     assert labels.shape == image.shape
     held = model.meta(DOMAIN).provenance["heldout_evaluation"]["mean_dice_per_class"]

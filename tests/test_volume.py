@@ -211,3 +211,22 @@ def test_written_nifti_holds_the_array_on_nifti_axes(tmp_path):
         np.testing.assert_array_equal(on_disk, data.T if data.ndim == 3 else np.transpose(data, (3, 2, 1, 0)))
         back = read_nifti(path).data
         np.testing.assert_array_equal(back, data if data.ndim == 4 else data[None])
+
+
+def test_labels_stored_in_another_row_order_come_onto_the_image_grid():
+    """A label file whose rows run the other way than the image's (patient B's does) is brought
+    onto the image's grid by the affines, not compared array to array; a matching grid is as is."""
+    from training.io.resample import labels_on
+    from training.io.volume import Volume
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, (4, 6, 7)).astype(np.uint8)
+    affine = np.diag([2.0, 0.8, 0.8, 1.0])
+    affine[:3, 3] = (10.0, -4.0, 3.0)
+    image = Volume(np.zeros((1, 4, 6, 7), np.float32), affine)
+    flipped = affine.copy()
+    flipped[1, 1] = -0.8  # rows stored last to first: row j of the file is row 5 - j of the image
+    flipped[1, 3] = affine[1, 3] + 5 * 0.8
+    out = labels_on(Volume(labels[:, ::-1, :][None].copy(), flipped), image)
+    np.testing.assert_array_equal(out, labels)
+    np.testing.assert_array_equal(labels_on(Volume(labels[None], affine), image), labels)

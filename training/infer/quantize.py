@@ -22,6 +22,7 @@ API::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,7 @@ from training.infer.backends import OPENVINO_HINT, DomainNet, openvino_available
 from training.infer.sliding_window import padding_for, tile_grid
 from training.io.resample import (
     canonical_orientation,
+    labels_on,
     needs_resampling,
     reorient_affine,
     reorient_array,
@@ -233,9 +235,7 @@ def _labels_on(truth, volume, num_classes: int) -> np.ndarray:
         raise InputError(f"{truth.source}: label values must be whole numbers 0…{num_classes - 1} (the domain's "
                          f"classes), found {data.min():g}…{data.max():g}")
     data = data.astype(np.uint8 if num_classes <= 256 else np.uint16)
-    if data.shape == tuple(volume.shape) and np.allclose(truth.affine, volume.affine, atol=1e-3):
-        return data
-    return resample(data, truth.affine, volume.affine, tuple(volume.shape), linear=False)
+    return labels_on(dataclasses.replace(truth, data=data[None]), volume)
 
 
 @dataclass

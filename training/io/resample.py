@@ -116,3 +116,13 @@ def resample(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, t
     f.SetUseNearestNeighborExtrapolator(True)
     out, _ = from_sitk(f.Execute(src))
     return out
+
+
+def labels_on(labels, image) -> np.ndarray:
+    """A label Volume's array on ``image``'s grid, by the two affines (nearest neighbour); as it is
+    when the grids already match. Label files often store their rows in another order than the
+    image (patient B's does), so the arrays alone cannot be compared."""
+    data = np.asarray(labels.data[0])
+    if data.shape == tuple(image.shape) and np.allclose(labels.affine, image.affine, atol=1e-3):
+        return data
+    return resample(data, labels.affine, image.affine, tuple(image.shape), linear=False)
