@@ -12,11 +12,14 @@ together behind a long one and ran in a single turn.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Callable
 from types import SimpleNamespace
 
 from qtpy.QtCore import QTimer
+
+log = logging.getLogger(__name__)
 
 # napari's per-Labels-layer overlays (polygon tool, brush stroke): their vispy visuals are built
 # only once visible, and building them was about half of inserting a result layer.
@@ -28,7 +31,8 @@ STEP_DELAY_MS = 30
 class Turns:
     """GUI steps run in order, each on an event-loop turn of its own, ``delay_ms`` after the
     previous one returned. Its timer is a child of ``parent``: steps left when the widget goes
-    are dropped with it. A step that raises is logged by Qt and the rest still run."""
+    are dropped with it. A step that raises is logged and the rest still run (an exception out of
+    a Qt slot can abort the whole application under PyQt)."""
 
     def __init__(self, parent=None, delay_ms: int = STEP_DELAY_MS) -> None:
         self._steps: deque[Callable[[], object]] = deque()
@@ -51,6 +55,8 @@ class Turns:
         try:
             if self._steps:
                 self._steps.popleft()()
+        except Exception:  # one layer's set-up failing must not stop the others
+            log.exception("setting up a result layer failed")
         finally:
             if self._steps:
                 self._timer.start()  # counted from now: from the end of the step

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_u2net import _turns, _widget  # noqa: E402
+from napari_u2net import _turns  # noqa: E402
 from napari_u2net._widget import DomainSelectorWidget  # noqa: E402
 from training.errors import Cancelled  # noqa: E402
 from training.infer.result import DomainResult, Prediction  # noqa: E402
