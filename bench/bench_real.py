@@ -3,6 +3,8 @@
 * ``real_domain``: every shipped domain on every real scan that has a matching label (Dice, seconds),
   through ``training.infer.pipeline.predict`` as the plugin calls it. ``held_out`` says whether the
   scan was never trained on (the model cards name the training scans).
+* ``real_domain_fov``: each CT domain on each CT (narrower than 500 mm) centred in a 500 and a
+  600 mm field of view, air around it: same anatomy, same voxels, only the field of view differs.
 * ``real_teach``: few-slice teaching as the Fine-tune panel does it: keep K evenly spaced axial
   slices of one organ's label (every other slice unlabelled: "train only on labelled slices"),
   teach a new domain with the panel's default settings (``training.train.config.teaching_config``)
@@ -182,6 +184,66 @@ def domain_runs(model_dir: Path, scans: list[Scan]) -> None:
                      held_out=scan.patient not in {PATIENT_OF.get(f) for f in trained})
 
 
+FOV_MM = (500.0, 600.0)  # fields of view of ordinary abdominal CTs, wider than patient A's 300×366 mm
+AIR_HU = -1000.0
+
+
+def with_field_of_view(image, labels: np.ndarray, fov_mm: float):
+    """``image`` centred in a field of view ``fov_mm`` wide in each in-plane axis (air around it,
+    its voxels at their world positions), and ``labels`` padded alike; None if it is wider already."""
+    import dataclasses
+
+    data = np.asarray(image.data[0])
+    spacing = np.linalg.norm(image.affine[:3, :3], axis=0)
+    pad = [(0, 0)]
+    for axis in (1, 2):
+        extra = max(0, round(float(fov_mm / spacing[axis])) - data.shape[axis])
+        pad.append((extra // 2, extra - extra // 2))
+    if pad[1] == pad[2] == (0, 0):
+        return None
+    affine = image.affine.copy()
+    affine[:3, 3] -= affine[:3, 1] * pad[1][0] + affine[:3, 2] * pad[2][0]
+    wide = np.pad(data, pad, constant_values=AIR_HU)
+    return dataclasses.replace(image, data=wide[None], affine=affine), np.pad(labels, pad)
+
+
+def fov_runs(model_dir: Path, scans: list[Scan]) -> None:
+    """Each CT domain on a CT padded with air to a wider field of view: the same anatomy and the
+    same voxels, so any change in Dice is the domain's dependence on seeing the whole body in each
+    tile (inference cuts a wide scan into tiles; a domain taught on one small-FOV scan never saw
+    a cut body)."""
+    from training.infer.config import InferenceConfig
+    from training.infer.pipeline import predict
+    from training.model.modelfile import load_model
+
+    model = load_model(model_dir)
+    for scan in scans:
+        if scan.modality != "CT":
+            continue
+        image, labels = load(scan)
+        for domain, meta in model.adapters.items():
+            if meta.modality.upper() != "CT":
+                continue
+            organs = {value: cls.replace(" ", "_").replace("-", "_")
+                      for value, cls in enumerate(meta.class_names[1:], start=1)}
+            organs = {v: o for v, o in organs.items() if o in scan.organs and (labels == scan.organs[o]).any()}
+            if not organs:
+                continue
+            trained = (meta.provenance or {}).get("real_scans", {})
+            as_scanned = predict(model, image, [domain], InferenceConfig(device="cpu"))[domain].labels
+            for fov in FOV_MM:
+                wide = with_field_of_view(image, labels, fov)
+                if wide is None:
+                    continue
+                pred = predict(model, wide[0], [domain], InferenceConfig(device="cpu"))[domain].labels
+                for value, organ in organs.items():
+                    emit(bench="real_domain_fov", scan=scan.name, domain=domain, organ=organ, fov_mm=fov,
+                         shape=list(wide[1].shape),
+                         dice=round(dice(pred == value, wide[1] == scan.organs[organ]), 4),
+                         dice_as_scanned=round(dice(as_scanned == value, labels == scan.organs[organ]), 4),
+                         held_out=scan.patient not in {PATIENT_OF.get(f) for f in trained})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 slices only, liver and spleen on the CT")
@@ -205,6 +267,7 @@ def main() -> int:
     scans = [s for s in SCANS if not args.scans or s.name in args.scans]
     if args.only != "teach":
         domain_runs(base, scans)
+        fov_runs(base, scans)
     if args.only == "domain":
         return 0
     slices = [5] if args.quick else args.slices
