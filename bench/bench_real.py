@@ -55,7 +55,8 @@ class Scan:
 
 
 # the patient of each real file a domain's provenance may list as trained on ("real_scans")
-PATIENT_OF = {"totalsegmentator/example_ct.nii.gz": "A", "totalsegmentator/example_ct_sm.nii.gz": "A"}
+PATIENT_OF = {"totalsegmentator/example_ct.nii.gz": "A", "totalsegmentator/example_ct_sm.nii.gz": "A",
+              "totalsegmentator/example_mr_sm.nii.gz": "MR"}  # abdomen-ct learns the MR's outlines
 
 
 SCANS = [
@@ -65,7 +66,7 @@ SCANS = [
     Scan("ct_patient_b", TS / "example_ct_dicom", TS / "example_seg_dicom.nii.gz", "CT",
          {"spleen": 1, "liver": 5}, (), "B"),
     Scan("mr_abdomen", TS / "example_mr_sm.nii.gz", TS / "example_seg_mr.nii.gz", "MR", ORGANS,
-         ("liver", "spleen")),
+         ("liver", "spleen"), "MR"),
     Scan("mr_glioblastoma", REAL / "pyradiomics" / "brain1_image.nrrd", REAL / "pyradiomics" / "brain1_label.nrrd",
          "MR", {"tumour": 1}, ("tumour",)),
 ]

@@ -3,11 +3,14 @@ when ``REAL_DATA`` is given; without the folder the model is built as before, wi
 
 ``abdomen-ct`` (liver, spleen, right and left kidney) is taught adapter-only on the frozen trunk
 from ONE patient's CT: TotalSegmentator's example abdomen–pelvis CT (patient A) with
-TotalSegmentator's own labels for those organs (model output, not drawn by a person). Each file's
-sha256 goes into the provenance, and a file whose hash differs from the one this recipe was made
-with is refused (the recipe is reproducible only from the same bytes). Patient B's series is
-never read here: its only use is the held-out figure, measured at the end and stored as the
-domain's ``heldout_evaluation`` (liver and spleen; its 20 slices hold no kidney).
+TotalSegmentator's own labels for those organs (model output, not drawn by a person), plus a
+second person's anatomy: a pseudo-CT drawn from the organ labels of TotalSegmentator's example
+abdominal MR (its outlines; the CT values are patient A's). Every copy is shown in fields of view
+up to 600 mm wide, so that training patches cut through the body as inference tiles on a large
+scan do. Each file's sha256 goes into the provenance, and a file whose hash differs from the one
+this recipe was made with is refused (the recipe is reproducible only from the same bytes).
+Patient B's series is never read here: its only use is the held-out figure, measured at the end
+and stored as the domain's ``heldout_evaluation`` (liver and spleen; its 20 slices hold no kidney).
 
     python -m scripts.real_domains resources/models/default --real-data ../shared/realdata
 """
@@ -25,12 +28,16 @@ DOMAIN = "abdomen-ct"
 CLASSES = ["background", "liver", "spleen", "kidney right", "kidney left"]
 COLORS = ["#000000", "#b5651d", "#7b2cbf", "#e9c46a", "#2a9d8f"]
 TS_VALUES = {"liver": 5, "spleen": 1, "kidney right": 2, "kidney left": 3}  # TotalSegmentator's map
-TRAIN_FILES = {  # patient A, the only scan trained on: path in the folder → the sha256 the recipe was made with
+TRAIN_FILES = {  # what is trained on: path in the folder → the sha256 the recipe was made with
     "totalsegmentator/example_ct.nii.gz": "dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1",
     "totalsegmentator/example_seg_fast_force_split.nii.gz":
         "e8097758e56e73099075b6caaebce23ef11bc6fad66a4ec3753b9406846558c7",
     "totalsegmentator/class_map.json": "c96f7db6bb0d2f60c1960f0097aa0a994d78d3d03fbc86e816929dfbe48ed12e",
+    # the MR's organ outlines only (its intensities set which unlabelled voxels are fat)
+    "totalsegmentator/example_mr_sm.nii.gz": "209b46efaff595dd54a9332872e17a722b62654bbb68dbd89acd5090701bbd4f",
+    "totalsegmentator/example_seg_mr.nii.gz": "e73a5ee12962aa2bb2f3e43ab58dfc67990c5a7ef2dcb426a1bf5e5982b9587f",
 }
+MR_FILES = ("totalsegmentator/example_mr_sm.nii.gz", "totalsegmentator/example_seg_mr.nii.gz")
 # Contrast enhancement, portal-venous minus unenhanced HU, per structure of TotalSegmentator's map
 # (name prefix → range; typical textbook values, not taken from any scan here). Patient A is an
 # unenhanced CT (liver median 46 HU); most abdominal CTs are enhanced.
@@ -43,6 +50,13 @@ ENHANCEMENT = {
 }
 SOFT_TISSUE_HU, SOFT_TISSUE_ENHANCEMENT = (-20, 100), (0, 15)  # unlabelled soft tissue
 FULL_COPIES, SLAB_COPIES, SLAB_SLICES = 8, 16, (8, 30)
+MR_COPIES = 8  # pseudo-CTs of the MR's anatomy, each at its own contrast phase and texture
+# Patient A fills a 300×366 mm field of view, the whole of every 64×100×120 patch: a domain taught
+# on it alone lost liver Dice 0.95 → 0.72 on A itself padded with air to 600 mm, where inference
+# tiles cut through the body. Two copies in three go into a field of view of random width up to
+# MAX_FOV_MM (air around the body, placed anywhere).
+WIDE_FOV_P, MAX_FOV_MM = 2 / 3, 600.0
+AIR_HU, FAT_HU, SOFT_TISSUE_FILL_HU, TEXTURE_HU = -1000.0, -100.0, 45.0, 12.0  # the MR pseudo-CT's fill
 HELDOUT = ("totalsegmentator/example_ct_dicom", "totalsegmentator/example_seg_dicom.nii.gz")  # patient B
 ITERATIONS = 200
 PATCH = (64, 100, 120)  # the whole scan: every organ with its context in each iteration
@@ -108,6 +122,88 @@ def training_cases(image, seg: np.ndarray, labels: np.ndarray, names: dict[int, 
     return cases
 
 
+def wider_field_of_view(volume, labels: np.ndarray, rng: np.random.Generator):
+    """``volume`` (and its ``labels``) inside a field of view of random width up to ``MAX_FOV_MM``
+    in each in-plane axis: air around it, the scan placed anywhere in it, its world position kept."""
+    import dataclasses
+
+    data = np.asarray(volume.data[0])
+    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
+    pad = [(0, 0)]
+    for axis in (1, 2):
+        n = data.shape[axis]
+        extra = int(rng.uniform(0, max(0.0, MAX_FOV_MM / spacing[axis] - n)))
+        before = int(rng.integers(0, extra + 1))
+        pad.append((before, extra - before))
+    affine = volume.affine.copy()
+    affine[:3, 3] -= affine[:3, 1] * pad[1][0] + affine[:3, 2] * pad[2][0]
+    wide = np.pad(data, pad, constant_values=AIR_HU)
+    return dataclasses.replace(volume, data=wide[None], affine=affine), np.pad(labels, pad)
+
+
+def mr_anatomy(root: Path, hu: np.ndarray, seg: np.ndarray, names: dict[int, str]):
+    """The abdominal MR's grid, its structures as patient A's structure values (``seg``-like, for
+    :func:`enhanced`), the four organs as labels 1..4, and a pseudo-CT maker ``(rng) -> HU``.
+
+    Each labelled MR structure takes the median HU of the same structure in patient A (name or
+    name prefix; soft tissue where A has none). Unlabelled voxels inside the body are fat where the
+    MR is bright (above the 55th percentile of those voxels; fat is bright on this sequence), else
+    soft tissue; outside the body, air. Smoothed noise stands in for texture.
+    """
+    import json
+
+    from scipy import ndimage as ndi
+
+    from training.io.resample import labels_on
+    from training.io.volume import read_image
+
+    mr = read_image(root / MR_FILES[0])
+    mseg = labels_on(read_image(root / MR_FILES[1]), mr).astype(np.int32)
+    mr_names = {int(k): v for k, v in json.loads((root / "totalsegmentator/class_map.json").read_text())["total_mr"].items()}
+    x = np.asarray(mr.data[0], np.float32)
+    body = ndi.binary_closing(x > np.percentile(x, 30) * 0.5 + 1, iterations=2)
+    body = ndi.binary_opening(ndi.binary_fill_holes(body, structure=np.ones((1, 3, 3))), iterations=1)
+    by_name = {n: v for v, n in names.items()}
+    base = np.full(x.shape, AIR_HU, np.float32)
+    unlabelled = body & (mseg == 0)
+    fat = unlabelled & (x > np.percentile(x[unlabelled], 55))
+    base[unlabelled] = SOFT_TISSUE_FILL_HU
+    base[fat] = FAT_HU
+    as_a = np.zeros(x.shape, np.int32)
+    for value, name in mr_names.items():
+        inside = mseg == value
+        if not inside.any():
+            continue
+        same = [v for n, v in by_name.items() if n == name or n.startswith(name)]
+        values = [float(np.median(hu[seg == v])) for v in same if (seg == v).any()]
+        base[inside] = float(np.median(values)) if values else SOFT_TISSUE_FILL_HU
+        as_a[inside] = same[0] if same else 0
+    organs = np.zeros(x.shape, np.uint8)
+    for i, organ in enumerate(CLASSES[1:], start=1):
+        organs[mseg == TS_VALUES[organ]] = i  # the MR map numbers these four as the CT map does
+
+    def pseudo_ct(rng: np.random.Generator) -> np.ndarray:
+        texture = ndi.gaussian_filter(rng.normal(0, 1, x.shape).astype(np.float32), 0.7) * TEXTURE_HU
+        return np.where(body, base + texture, AIR_HU).astype(np.float32)
+
+    return mr, as_a, organs, pseudo_ct
+
+
+def all_training_cases(root: Path, seed: int = 0) -> list:
+    """Patient A's copies (:func:`training_cases`), the MR anatomy's pseudo-CTs at random contrast
+    phases, and two in three of them in a wider field of view."""
+    import dataclasses
+
+    image, labels, seg, names = training_pair(root)
+    cases = training_cases(image, seg, labels, names, seed)
+    rng = np.random.default_rng(seed + 1)
+    mr, as_a, organs, pseudo_ct = mr_anatomy(root, np.asarray(image.data[0]), seg, names)
+    for i in range(MR_COPIES):
+        data = enhanced(pseudo_ct(rng), as_a, names, 0.0 if i == 0 else rng.uniform(0, 1), rng)
+        cases.append((dataclasses.replace(mr, data=data[None]), organs))
+    return [wider_field_of_view(v, lab, rng) if rng.uniform() < WIDE_FOV_P else (v, lab) for v, lab in cases]
+
+
 def heldout(model_dir: Path, root: Path) -> dict:
     """Dice on patient B (never trained on), labels brought onto the image's grid by the affines."""
     from training.infer.config import InferenceConfig
@@ -160,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {root}: {', '.join(changed)} differ from the files this recipe was made with "
               "(sha256); use the original files", file=sys.stderr)
         return 2
-    image, labels, seg, names = training_pair(root)
-    cases = training_cases(image, seg, labels, names)
+    image, labels, _, _ = training_pair(root)
+    cases = all_training_cases(root)
     # one scan's window (the copies are not more patients): ct_spec's few-scan rule, from patient A alone
     from training.train.adaptation import normalization_for
 
@@ -170,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(iterations=args.iterations, lr=1e-2, patch_size=PATCH, batch_size=1, device="cpu",
                          checkpoint_every=0, val_every=0, fg_fraction=0.5,
                          augment=AugmentConfig(p_mirror=0.0, p_rotate=0.3, p_scale=0.3, p_shift=0.5))
-    _log(f"teaching {DOMAIN} from patient A ({image.shape}) as {len(cases)} copies (contrast phases, slabs), "
+    _log(f"teaching {DOMAIN} from patient A ({image.shape}) and the MR's anatomy as {len(cases)} copies "
+         "(contrast phases, slabs, wider fields of view), "
          f"{args.iterations} iterations, patch {PATCH}")
     # validation on the training scan itself: it only fits the temperature (no held-out data to spare)
     reports = adapt_domain(args.model_dir, DOMAIN, cases, CLASSES, "CT", init_from="spleen-ct",
@@ -188,27 +285,32 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"held out (patient B): {result}")
 
     state, meta = read_weights(path, "adapter")
-    meta["description"] = "liver, spleen and kidneys on a real abdominal CT (taught on one patient)"
+    meta["description"] = "liver, spleen and kidneys on a real abdominal CT (taught on one patient's CT and a second scan's organ outlines)"
     meta["provenance"] = {
         **meta.get("provenance", {}),
         "source": "scripts/real_domains.py (make model REAL_DATA=…)",
         "real_scans": hashes,
-        "patients": 1,
+        "patients": 2,
+        "patient_scans": {"A": "CT, image and labels", "MR example": "organ labels only, as a pseudo-CT"},
         "augmentation": {"contrast_phases": "portal-venous enhancement per structure, scripts/real_domains.ENHANCEMENT",
-                         "copies": {"whole": FULL_COPIES, "slabs": SLAB_COPIES, "slab_slices": list(SLAB_SLICES)}},
+                         "copies": {"whole": FULL_COPIES, "slabs": SLAB_COPIES, "slab_slices": list(SLAB_SLICES),
+                                    "mr_pseudo_ct": MR_COPIES},
+                         "wider_field_of_view": {"share": round(WIDE_FOV_P, 3), "max_mm": MAX_FOV_MM}},
         "heldout_evaluation": result,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     meta["card"] = {
         "author": "napari-u2net project (recipe scripts/real_domains.py, `make model REAL_DATA=…`)",
         "data": ("ONE patient's abdomen–pelvis CT (TotalSegmentator's example CT, 3 mm; CC BY 4.0) with "
-                 "TotalSegmentator's labels of liver, spleen and kidneys (model output, not drawn by a person)"),
-        "data_kind": "one-patient",
-        "cases": 1,
+                 "TotalSegmentator's labels of liver, spleen and kidneys (model output, not drawn by a person), "
+                 "and a pseudo-CT drawn from the organ labels of a second scan, TotalSegmentator's example "
+                 "abdominal MR (its outlines only; CT values from the first patient)"),
+        "data_kind": "real",
+        "cases": 2,
         "intended_use": ("a first segmentation of liver, spleen and kidneys on a real abdominal CT, to correct "
                          "and teach from (Fine-tune panel); research only, not a medical device"),
-        "limits": ("one patient: held-out figures come from one other patient's 20-slice series (liver and "
-                   "spleen only); expect errors on other scanners, contrast phases and anatomy"),
+        "limits": ("one real CT and one MR's outlines: held-out figures come from one other patient's 20-slice "
+                   "series (liver and spleen only); expect errors on other scanners, contrast phases and anatomy"),
     }
     write_weights(path, state, meta, dtype="float16")
     _log(f"{path} written")

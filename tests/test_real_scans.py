@@ -29,10 +29,11 @@ def _dice(a, b) -> float:
 
 def test_the_real_ct_domain_says_what_it_was_trained_on(model):
     meta = model.meta(DOMAIN)
-    assert meta.card["data_kind"] == "one-patient" and "ONE patient" in meta.card["data"]
+    assert meta.card["data_kind"] == "real" and "ONE patient" in meta.card["data"] and "MR" in meta.card["data"]
     scans = meta.provenance["real_scans"]
     assert set(scans) == {"totalsegmentator/example_ct.nii.gz", "totalsegmentator/example_seg_fast_force_split.nii.gz",
-                          "totalsegmentator/class_map.json"}
+                          "totalsegmentator/class_map.json", "totalsegmentator/example_mr_sm.nii.gz",
+                          "totalsegmentator/example_seg_mr.nii.gz"}
     assert all(len(h) == 64 for h in scans.values())  # sha256 of each file trained on
     assert not any("dicom" in f for f in scans)  # patient B is never trained on
     held = meta.provenance["heldout_evaluation"]
@@ -90,3 +91,52 @@ def test_the_recipe_imitates_contrast_phases_and_short_series():
         z0 = int(round(image.affine[0, 3] / 3.0))
         assert np.array_equal(lab, labels[z0:z0 + n])
         assert np.array_equal(image.data[0] == -1000.0, hu[z0:z0 + n] == -1000.0)
+
+
+def test_the_recipe_widens_the_field_of_view_without_moving_the_anatomy():
+    """scripts/real_domains.wider_field_of_view: air around the scan, up to MAX_FOV_MM wide in
+    each in-plane axis, and every voxel of the scan still at its world position."""
+    import numpy as np
+
+    from scripts.real_domains import AIR_HU, MAX_FOV_MM, wider_field_of_view
+    from training.io.volume import Volume
+
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-200, 300, (5, 40, 50)).astype(np.float32)
+    labels = rng.integers(0, 5, hu.shape).astype(np.uint8)
+    affine = np.array([[0, 0, 3.0, -60], [0, -3.0, 0, 80], [2.0, 0, 0, -20], [0, 0, 0, 1]])  # permuted, flipped
+    grew = False
+    for _ in range(20):
+        wide, wide_labels = wider_field_of_view(Volume(hu[None], affine), labels, rng)
+        shape = wide.data.shape[1:]
+        assert shape[0] == 5 and 40 <= shape[1] <= MAX_FOV_MM / 3 and 50 <= shape[2] <= MAX_FOV_MM / 3
+        grew |= shape[1:] != (40, 50)
+        # where does voxel (0, 0, 0) of the scan sit in the wide grid? the same world point
+        at = np.linalg.solve(wide.affine, affine @ np.array([0, 0, 0, 1.0]))[:3]
+        z, y, x = np.round(at).astype(int)
+        assert np.allclose(at, (z, y, x))
+        np.testing.assert_array_equal(wide.data[0, z:z + 5, y:y + 40, x:x + 50], hu)
+        np.testing.assert_array_equal(wide_labels[z:z + 5, y:y + 40, x:x + 50], labels)
+        assert (wide.data[0] == AIR_HU).sum() == wide.data[0].size - hu.size
+        assert wide_labels.sum() == labels.sum()
+    assert grew
+
+
+@REAL
+def test_the_recipe_draws_a_pseudo_ct_from_the_mr_outlines():
+    """scripts/real_domains.mr_anatomy: the MR's liver, spleen and kidneys as labels 1..4, its
+    liver at patient A's liver value (plus texture), air outside the body, fat inside it."""
+    import numpy as np
+
+    from scripts.real_domains import AIR_HU, FAT_HU, mr_anatomy, training_pair
+
+    image, _, seg, names = training_pair(TS.parent)
+    hu = np.asarray(image.data[0])
+    mr, _, organs, pseudo_ct = mr_anatomy(TS.parent, hu, seg, names)
+    assert organs.shape == mr.shape and set(np.unique(organs)) == {0, 1, 2, 3, 4}
+    ct = pseudo_ct(np.random.default_rng(0))
+    liver_a = float(np.median(hu[seg == LIVER]))
+    assert abs(float(np.median(ct[organs == 1])) - liver_a) < 5
+    assert ct[0, 0, 0] == AIR_HU  # a corner: outside the body
+    assert (np.abs(ct - FAT_HU) < 40).mean() > 0.05  # the MR's bright unlabelled tissue
+    assert not np.array_equal(ct, pseudo_ct(np.random.default_rng(1)))  # each copy its own texture
