@@ -159,7 +159,27 @@ def teach(scan: Scan, image, truth: np.ndarray, organ: str, k: int, keep: np.nda
     return line
 
 
+FOV_MM = (500.0, 600.0)  # fields of view of ordinary abdominal CTs, wider than patient A's 300×366 mm
+
+
+def centred_in_field_of_view(image, labels: np.ndarray, fov_mm: float):
+    """``image`` centred in a field of view ``fov_mm`` wide in each in-plane axis (air around it,
+    its voxels at their world positions), and ``labels`` padded alike; None if it is wider already."""
+    from scripts.real_domains import in_field_of_view
+
+    spacing = np.linalg.norm(image.affine[:3, :3], axis=0)
+    pad = []
+    for axis in (1, 2):
+        extra = max(0, round(float(fov_mm / spacing[axis])) - image.data.shape[axis + 1])
+        pad.append((extra // 2, extra - extra // 2))
+    return None if pad == [(0, 0), (0, 0)] else in_field_of_view(image, labels, pad)
+
+
 def domain_runs(model_dir: Path, scans: list[Scan]) -> None:
+    """``real_domain`` lines; for a CT also ``real_domain_fov``: the same scan centred in wider
+    fields of view, air around it (same anatomy, same voxels, so any change in Dice is the domain's
+    dependence on seeing the whole body in each tile: inference cuts a wide scan into tiles, and a
+    domain taught on one small-FOV scan never saw a cut body)."""
     from training.infer.config import InferenceConfig
     from training.infer.pipeline import predict
     from training.model.modelfile import load_model
@@ -179,70 +199,22 @@ def domain_runs(model_dir: Path, scans: list[Scan]) -> None:
             pred = predict(model, image, [domain], InferenceConfig(device="cpu"))[domain].labels
             seconds = round(time.perf_counter() - t0, 1)
             trained = (meta.provenance or {}).get("real_scans", {})
-            for value, organ in organs.items():
-                emit(bench="real_domain", scan=scan.name, domain=domain, organ=organ,
-                     dice=round(dice(pred == value, labels == scan.organs[organ]), 4), seconds=seconds,
-                     held_out=scan.patient not in {PATIENT_OF.get(f) for f in trained})
-
-
-FOV_MM = (500.0, 600.0)  # fields of view of ordinary abdominal CTs, wider than patient A's 300×366 mm
-AIR_HU = -1000.0
-
-
-def with_field_of_view(image, labels: np.ndarray, fov_mm: float):
-    """``image`` centred in a field of view ``fov_mm`` wide in each in-plane axis (air around it,
-    its voxels at their world positions), and ``labels`` padded alike; None if it is wider already."""
-    import dataclasses
-
-    data = np.asarray(image.data[0])
-    spacing = np.linalg.norm(image.affine[:3, :3], axis=0)
-    pad = [(0, 0)]
-    for axis in (1, 2):
-        extra = max(0, round(float(fov_mm / spacing[axis])) - data.shape[axis])
-        pad.append((extra // 2, extra - extra // 2))
-    if pad[1] == pad[2] == (0, 0):
-        return None
-    affine = image.affine.copy()
-    affine[:3, 3] -= affine[:3, 1] * pad[1][0] + affine[:3, 2] * pad[2][0]
-    wide = np.pad(data, pad, constant_values=AIR_HU)
-    return dataclasses.replace(image, data=wide[None], affine=affine), np.pad(labels, pad)
-
-
-def fov_runs(model_dir: Path, scans: list[Scan]) -> None:
-    """Each CT domain on a CT padded with air to a wider field of view: the same anatomy and the
-    same voxels, so any change in Dice is the domain's dependence on seeing the whole body in each
-    tile (inference cuts a wide scan into tiles; a domain taught on one small-FOV scan never saw
-    a cut body)."""
-    from training.infer.config import InferenceConfig
-    from training.infer.pipeline import predict
-    from training.model.modelfile import load_model
-
-    model = load_model(model_dir)
-    for scan in scans:
-        if scan.modality != "CT":
-            continue
-        image, labels = load(scan)
-        for domain, meta in model.adapters.items():
-            if meta.modality.upper() != "CT":
-                continue
-            organs = {value: cls.replace(" ", "_").replace("-", "_")
-                      for value, cls in enumerate(meta.class_names[1:], start=1)}
-            organs = {v: o for v, o in organs.items() if o in scan.organs and (labels == scan.organs[o]).any()}
-            if not organs:
-                continue
-            trained = (meta.provenance or {}).get("real_scans", {})
-            as_scanned = predict(model, image, [domain], InferenceConfig(device="cpu"))[domain].labels
-            for fov in FOV_MM:
-                wide = with_field_of_view(image, labels, fov)
+            held_out = scan.patient not in {PATIENT_OF.get(f) for f in trained}
+            as_scanned = {organ: round(dice(pred == value, labels == scan.organs[organ]), 4)
+                          for value, organ in organs.items()}
+            for organ, d in as_scanned.items():
+                emit(bench="real_domain", scan=scan.name, domain=domain, organ=organ, dice=d, seconds=seconds,
+                     held_out=held_out)
+            for fov in FOV_MM if scan.modality == "CT" else ():
+                wide = centred_in_field_of_view(image, labels, fov)
                 if wide is None:
                     continue
-                pred = predict(model, wide[0], [domain], InferenceConfig(device="cpu"))[domain].labels
+                wide_pred = predict(model, wide[0], [domain], InferenceConfig(device="cpu"))[domain].labels
                 for value, organ in organs.items():
                     emit(bench="real_domain_fov", scan=scan.name, domain=domain, organ=organ, fov_mm=fov,
                          shape=list(wide[1].shape),
-                         dice=round(dice(pred == value, wide[1] == scan.organs[organ]), 4),
-                         dice_as_scanned=round(dice(as_scanned == value, labels == scan.organs[organ]), 4),
-                         held_out=scan.patient not in {PATIENT_OF.get(f) for f in trained})
+                         dice=round(dice(wide_pred == value, wide[1] == scan.organs[organ]), 4),
+                         dice_as_scanned=as_scanned[organ], held_out=held_out)
 
 
 def main() -> int:
@@ -268,7 +240,6 @@ def main() -> int:
     scans = [s for s in SCANS if not args.scans or s.name in args.scans]
     if args.only != "teach":
         domain_runs(base, scans)
-        fov_runs(base, scans)
     if args.only == "domain":
         return 0
     slices = [5] if args.quick else args.slices

@@ -122,23 +122,29 @@ def training_cases(image, seg: np.ndarray, labels: np.ndarray, names: dict[int, 
     return cases
 
 
+def in_field_of_view(volume, labels: np.ndarray, pad: list[tuple[int, int]]):
+    """``volume`` and its ``labels`` with ``pad`` (before, after) voxels of air added on each
+    in-plane axis (array axes 1 and 2), every voxel kept at its world position."""
+    import dataclasses
+
+    pad = [(0, 0), *pad]
+    affine = volume.affine.copy()
+    affine[:3, 3] -= affine[:3, 1] * pad[1][0] + affine[:3, 2] * pad[2][0]
+    wide = np.pad(np.asarray(volume.data[0]), pad, constant_values=AIR_HU)
+    return dataclasses.replace(volume, data=wide[None], affine=affine), np.pad(labels, pad)
+
+
 def wider_field_of_view(volume, labels: np.ndarray, rng: np.random.Generator):
     """``volume`` (and its ``labels``) inside a field of view of random width up to ``MAX_FOV_MM``
     in each in-plane axis: air around it, the scan placed anywhere in it, its world position kept."""
-    import dataclasses
-
-    data = np.asarray(volume.data[0])
     spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
-    pad = [(0, 0)]
+    pad = []
     for axis in (1, 2):
-        n = data.shape[axis]
+        n = volume.data.shape[axis + 1]
         extra = int(rng.uniform(0, max(0.0, MAX_FOV_MM / spacing[axis] - n)))
         before = int(rng.integers(0, extra + 1))
         pad.append((before, extra - before))
-    affine = volume.affine.copy()
-    affine[:3, 3] -= affine[:3, 1] * pad[1][0] + affine[:3, 2] * pad[2][0]
-    wide = np.pad(data, pad, constant_values=AIR_HU)
-    return dataclasses.replace(volume, data=wide[None], affine=affine), np.pad(labels, pad)
+    return in_field_of_view(volume, labels, pad)
 
 
 def mr_anatomy(root: Path, hu: np.ndarray, seg: np.ndarray, names: dict[int, str]):
@@ -189,12 +195,13 @@ def mr_anatomy(root: Path, hu: np.ndarray, seg: np.ndarray, names: dict[int, str
     return mr, as_a, organs, pseudo_ct
 
 
-def all_training_cases(root: Path, seed: int = 0) -> list:
-    """Patient A's copies (:func:`training_cases`), the MR anatomy's pseudo-CTs at random contrast
-    phases, and two in three of them in a wider field of view."""
+def all_training_cases(root: Path, image, seg: np.ndarray, labels: np.ndarray, names: dict[int, str],
+                       seed: int = 0) -> list:
+    """Patient A's copies (:func:`training_cases`, from :func:`training_pair`'s ``image``, ``seg``,
+    ``labels``, ``names``), the MR anatomy's pseudo-CTs at random contrast phases, and two in
+    three of them in a wider field of view."""
     import dataclasses
 
-    image, labels, seg, names = training_pair(root)
     cases = training_cases(image, seg, labels, names, seed)
     rng = np.random.default_rng(seed + 1)
     mr, as_a, organs, pseudo_ct = mr_anatomy(root, np.asarray(image.data[0]), seg, names)
@@ -256,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {root}: {', '.join(changed)} differ from the files this recipe was made with "
               "(sha256); use the original files", file=sys.stderr)
         return 2
-    image, labels, _, _ = training_pair(root)
-    cases = all_training_cases(root)
+    image, labels, seg, names = training_pair(root)
+    cases = all_training_cases(root, image, seg, labels, names)
     # one scan's window (the copies are not more patients): ct_spec's few-scan rule, from patient A alone
     from training.train.adaptation import normalization_for
 
