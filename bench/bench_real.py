@@ -14,8 +14,9 @@
   tuned on the truth itself: the bar a model must clear (CT only).
 
 Labels are TotalSegmentator's model output (pseudo ground truth), brought onto each image's grid
-by its affine (patient B's label file is stored with its rows flipped). Patient B is only ever
-segmented here, never taught on. One JSON line per case:
+by its affine (patient B's label file is stored with its rows flipped); patient C's liver is
+dcmqi's example segmentation of 3 CT slices. Patients B and C are only ever segmented here, never
+taught on. One JSON line per case:
 
     python bench/bench_real.py [--quick] [--only teach|domain] [--slices 3 5 10] [--organs liver spleen]
 """
@@ -65,6 +66,9 @@ SCANS = [
     Scan("ct_patient_a_crop", TS / "example_ct_sm.nii.gz", TS / "example_seg_fast.nii.gz", "CT", ORGANS, (), "A"),
     Scan("ct_patient_b", TS / "example_ct_dicom", TS / "example_seg_dicom.nii.gz", "CT",
          {"spleen": 1, "liver": 5}, (), "B"),
+    # a third patient (C): dcmqi's 3 CT slices (1 mm apart) and the liver of its DICOM SEG example
+    Scan("ct_patient_c_3slices", REAL / "dcmqi" / "ct-3slice", REAL / "dcmqi" / "liver_seg.nrrd", "CT",
+         {"liver": 1}, (), "C"),
     Scan("mr_abdomen", TS / "example_mr_sm.nii.gz", TS / "example_seg_mr.nii.gz", "MR", ORGANS,
          ("liver", "spleen"), "MR"),
     Scan("mr_glioblastoma", REAL / "pyradiomics" / "brain1_image.nrrd", REAL / "pyradiomics" / "brain1_label.nrrd",

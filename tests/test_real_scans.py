@@ -91,6 +91,11 @@ def test_the_recipe_imitates_contrast_phases_and_short_series():
         z0 = int(round(image.affine[0, 3] / 3.0))
         assert np.array_equal(lab, labels[z0:z0 + n])
         assert np.array_equal(image.data[0] == -1000.0, hu[z0:z0 + n] == -1000.0)
+    # the recipe's --seed: the same seed draws the same copies, another seed others
+    again = training_cases(Volume(hu[None], affine), seg, labels, names, seed=1)
+    other = training_cases(Volume(hu[None], affine), seg, labels, names, seed=2)
+    assert all(np.array_equal(a[0].data, b[0].data) and np.array_equal(a[1], b[1]) for a, b in zip(cases, again))
+    assert any(a[1].shape != b[1].shape or not np.array_equal(a[0].data, b[0].data) for a, b in zip(cases, other))
 
 
 def test_the_recipe_widens_the_field_of_view_without_moving_the_anatomy():
