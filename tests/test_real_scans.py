@@ -36,6 +36,7 @@ def test_the_real_ct_domain_says_what_it_was_trained_on(model):
                           "totalsegmentator/example_seg_mr.nii.gz"}
     assert all(len(h) == 64 for h in scans.values())  # sha256 of each file trained on
     assert not any("dicom" in f for f in scans)  # patient B is never trained on
+    assert meta.provenance["augmentation"]["enlarged_organs"]["organs"] == ["liver", "spleen"]
     held = meta.provenance["heldout_evaluation"]
     assert held["cases"] == 1 and set(held["mean_dice_per_class"]) == {"liver", "spleen"}
     assert meta.class_names == ["background", "liver", "spleen", "kidney right", "kidney left"]
@@ -145,3 +146,44 @@ def test_the_recipe_draws_a_pseudo_ct_from_the_mr_outlines():
     assert ct[0, 0, 0] == AIR_HU  # a corner: outside the body
     assert (np.abs(ct - FAT_HU) < 40).mean() > 0.05  # the MR's bright unlabelled tissue
     assert not np.array_equal(ct, pseudo_ct(np.random.default_rng(1)))  # each copy its own texture
+
+
+def test_the_recipe_enlarges_an_organ_in_place_and_pushes_its_neighbour_aside():
+    """scripts/real_domains.enlarged: the organ grows about its centre, the neighbour beside it is
+    moved outward (not overwritten), far tissue and the scan's frame stay; factor 1 changes nothing."""
+    import numpy as np
+
+    from scripts.real_domains import ENLARGE_P, enlarged, with_enlarged_organs
+    from training.io.volume import Volume
+
+    shape, spacing = (40, 72, 72), (2.0, 1.5, 1.5)
+    z, y, x = np.indices(shape)
+    mm = [(z - 20) * spacing[0], (y - 36) * spacing[1], (x - 30) * spacing[2]]
+    labels = np.zeros(shape, np.uint8)
+    labels[mm[0] ** 2 + mm[1] ** 2 + mm[2] ** 2 <= 15.0 ** 2] = 2  # a spleen, 15 mm radius
+    labels[(mm[0] ** 2 + mm[1] ** 2 + (mm[2] - 27) ** 2) <= 6.0 ** 2] = 3  # a kidney beside it
+    hu = np.where(labels == 2, 100.0, np.where(labels == 3, 200.0, 0.0)).astype(np.float32)
+    hu[0, 0, 0] = -1000.0  # a far corner
+    volume = Volume(hu[None], np.diag([*spacing, 1.0]))
+
+    big, big_labels = enlarged(volume, labels, 2, 1.3)
+    assert np.array_equal(big.affine, volume.affine)
+    grown = (big_labels == 2).sum() / (labels == 2).sum()
+    assert 1.4 < grown < 1.3 ** 3, grown
+    assert np.allclose(np.argwhere(big_labels == 2).mean(0), np.argwhere(labels == 2).mean(0), atol=0.5)
+    kidney, big_kidney = np.argwhere(labels == 3), np.argwhere(big_labels == 3)
+    assert 0.5 < len(big_kidney) / len(kidney) < 1.5  # moved, not swallowed
+    assert big_kidney[:, 2].min() > kidney[:, 2].min()  # its near side pushed outward (by ≈ 2.4 mm)
+    assert big_kidney[:, 2].mean() > kidney[:, 2].mean() + 0.5
+    assert abs(big.data[0, 0, 0, 0] + 1000.0) < 1 and big_labels[0, 0, 0] == 0  # far: moved by < 0.01 voxel
+    inside = big.data[0][big_labels == 2]  # the image moves with the labels (its edge interpolated)
+    assert np.median(inside) == 100.0 and inside.mean() > 90.0
+    same, same_labels = enlarged(volume, labels, 2, 1.0)
+    np.testing.assert_allclose(same.data, volume.data, atol=1e-3)
+    np.testing.assert_array_equal(same_labels, labels)
+
+    cases = [(volume, labels)] * 40 + [(volume, np.where(labels == 2, 3, labels).astype(np.uint8))]
+    out = with_enlarged_organs(cases, np.random.default_rng(0))
+    changed = [not np.array_equal(o[1], c[1]) for o, c in zip(out, cases)]
+    assert abs(np.mean(changed[:40]) - ENLARGE_P) < 0.25
+    assert not changed[40]  # no liver or spleen: nothing to enlarge
