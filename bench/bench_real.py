@@ -170,8 +170,9 @@ def centred_in_field_of_view(image, labels: np.ndarray, fov_mm: float):
     """``image`` centred in a field of view ``fov_mm`` wide in each in-plane axis (air around it,
     its voxels at their world positions), and ``labels`` padded alike; None if it is wider already."""
     from scripts.real_domains import in_field_of_view
+    from training.io.volume import spacing_of
 
-    spacing = np.linalg.norm(image.affine[:3, :3], axis=0)
+    spacing = spacing_of(image.affine)
     pad = []
     for axis in (1, 2):
         extra = max(0, round(float(fov_mm / spacing[axis])) - image.data.shape[axis + 1])

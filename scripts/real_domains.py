@@ -147,7 +147,9 @@ def in_field_of_view(volume, labels: np.ndarray, pad: list[tuple[int, int]]):
 def wider_field_of_view(volume, labels: np.ndarray, rng: np.random.Generator):
     """``volume`` (and its ``labels``) inside a field of view of random width up to ``MAX_FOV_MM``
     in each in-plane axis: air around it, the scan placed anywhere in it, its world position kept."""
-    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
+    from training.io.volume import spacing_of
+
+    spacing = spacing_of(volume.affine)
     pad = []
     for axis in (1, 2):
         n = volume.data.shape[axis + 1]
@@ -214,7 +216,9 @@ def enlarged(volume, labels: np.ndarray, organ: int, factor: float):
 
     from scipy.ndimage import map_coordinates
 
-    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
+    from training.io.volume import spacing_of
+
+    spacing = spacing_of(volume.affine)
     voxels = np.argwhere(labels == organ)
     centre = voxels.mean(0)
     reach = 1.5 * (3 * len(voxels) * np.prod(spacing) / (4 * np.pi)) ** (1 / 3)
@@ -351,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                          "copies": {"whole": FULL_COPIES, "slabs": SLAB_COPIES, "slab_slices": list(SLAB_SLICES),
                                     "mr_pseudo_ct": MR_COPIES},
                          "wider_field_of_view": {"share": round(WIDE_FOV_P, 3), "max_mm": MAX_FOV_MM},
-                         "shape": SHAPE_AUGMENTATION,
+                         "shape": SHAPE_AUGMENTATION,  # write_weights stores metadata as JSON (tuples as lists)
                          "enlarged_organs": {"share": ENLARGE_P, "max_zoom": ENLARGE_MAX,
-                                             "organs": [CLASSES[o] for o in ENLARGED]}},  # write_weights stores metadata as JSON (tuples as lists)
+                                             "organs": [CLASSES[o] for o in ENLARGED]}},
         "heldout_evaluation": result,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
