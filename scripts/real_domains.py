@@ -282,6 +282,17 @@ def heldout(model_dir: Path, root: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """:func:`teach`, with the project's errors (a missing or damaged model folder, …) as one line, exit 2."""
+    from training.errors import U2NetError
+
+    try:
+        return teach(argv)
+    except U2NetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def teach(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model_dir", type=Path)
     p.add_argument("--real-data", type=Path, required=True, help="the real-scans folder (../shared/realdata)")
