@@ -309,7 +309,14 @@ def test_sigterm_mid_cohort_leaves_complete_files_and_a_rerun_finishes(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 180
-    while not list(out.glob("s*_hippocampus-mr.nii.gz")):
+
+    def labels_written() -> list:
+        try:  # the run's up-front write check makes ``out`` and removes it again: it can vanish mid-glob
+            return list(out.glob("s*_hippocampus-mr.nii.gz"))
+        except FileNotFoundError:
+            return []
+
+    while not labels_written():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
